@@ -1,0 +1,36 @@
+"""The network shared by the FL server (PTFileModelPersistor builds it) and the sites.
+
+Plain torch only: the server builds and stores this model without importing Lightning.
+"""
+
+import torch
+from torch import nn
+
+NUM_CLASSES = 10
+
+
+class CifarNet(nn.Module):
+    """A small CNN for 32x32x3 images: three conv blocks, then two linear layers."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),  # 16x16
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),  # 8x8
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),  # 4x4
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(64 * 4 * 4, 128),
+            nn.ReLU(inplace=True),
+            nn.Linear(128, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))

@@ -1,0 +1,99 @@
+"""A Lightning Logger that turns every self.log(...) into a FLARE analytics record.
+
+The executor hands it a `send(kind, values, step, round)` callable that fires the FLARE
+event; ConvertToFedEvent forwards it to the server, where MLflowReceiver writes it.
+Keeping FLARE out of this class keeps its step arithmetic testable on its own.
+
+Steps: Lightning restarts its step count with every Trainer and every validate() call.
+MLflow needs one axis per metric that only moves forward, so the logger adds the number
+of training batches run in earlier rounds (`step_offset`) and, should a key still repeat
+a step, moves it one past its last one. Hyperparameters go out once each, flattened, as
+params, in chunks MLflow accepts.
+"""
+
+from argparse import Namespace
+from typing import Callable, Mapping, Optional
+
+from pytorch_lightning.loggers.logger import Logger
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+METRICS = "metrics"
+PARAMS = "params"
+MAX_PARAMS_PER_RECORD = 100  # MLflow's log_batch limit
+MAX_PARAM_VALUE_LENGTH = 6000  # MLflow's limit on a param value
+
+Sender = Callable[[str, dict, Optional[int], Optional[int]], None]
+
+
+def flatten(params: Mapping, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a/b": "1"}; values as MLflow stores them (strings, bounded)."""
+    out = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Namespace):
+            value = vars(value)
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}/"))
+        else:
+            out[name] = str(value)[:MAX_PARAM_VALUE_LENGTH]
+    return out
+
+
+class FlareLogger(Logger):
+    def __init__(self, send: Sender, site: str = "site"):
+        super().__init__()
+        self._send = send
+        self._site = site
+        self.round: Optional[int] = None
+        self.step_offset = 0  # training batches run before the current Trainer
+        self.epoch_offset = 0  # local epochs run before the current Trainer
+        self.key_prefix = ""  # e.g. "global_" while validating the received global model
+        self._last_step: dict = {}
+        self._sent_params: dict = {}
+
+    @property
+    def name(self) -> str:
+        return "flare"
+
+    @property
+    def version(self) -> str:
+        return self._site
+
+    def advance(self, batches: int, epochs: int) -> None:
+        """Called after each local fit so the next round continues the step axis."""
+        self.step_offset += batches
+        self.epoch_offset += epochs
+
+    def map_step(self, keys, step: Optional[int]) -> int:
+        """The step to send: offset + Lightning's step, moved past any step these keys already used."""
+        out = self.step_offset + (step or 0)
+        for key in keys:
+            last = self._last_step.get(key)
+            if last is not None and out <= last:
+                out = last + 1
+        for key in keys:
+            self._last_step[key] = out
+        return out
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: Optional[int] = None) -> None:
+        values = {f"{self.key_prefix}{k}": float(v) for k, v in metrics.items() if k != "epoch"}
+        if not values:
+            return
+        out = self.map_step(values, step)
+        # Lightning adds its per-Trainer "epoch" to most records; continue it across rounds,
+        # sent only where it advances its own axis (a validate() call repeats the last one).
+        if "epoch" in metrics and out > self._last_step.get("epoch", -1):
+            values["epoch"] = float(metrics["epoch"]) + self.epoch_offset
+            self._last_step["epoch"] = out
+        self._send(METRICS, values, out, self.round)
+
+    @rank_zero_only
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        if isinstance(params, Namespace):
+            params = vars(params)
+        new = {k: v for k, v in flatten(params).items() if self._sent_params.get(k) != v}
+        self._sent_params.update(new)
+        items = sorted(new.items())
+        for i in range(0, len(items), MAX_PARAMS_PER_RECORD):
+            self._send(PARAMS, dict(items[i : i + MAX_PARAMS_PER_RECORD]), None, self.round)
