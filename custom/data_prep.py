@@ -26,7 +26,7 @@ from cifar_data import (
 )
 
 OFFLINE_MARKER = "OFFLINE_SYNTHETIC_DATA"
-NOISE = 0.6  # pixel noise of the offline set: high enough that a few epochs do not saturate it
+NOISE = 0.5  # pixel noise of the offline set: high enough that a few epochs do not saturate it
 
 
 def iid_split(num_samples: int, num_sites: int, rng: np.random.Generator) -> list:

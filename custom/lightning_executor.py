@@ -101,7 +101,7 @@ class LightningExecutor(Executor):
         data_root: str = "/tmp/nvflare/data/cifar10",
         local_epochs: int = 1,
         batch_size: int = 32,
-        lr: float = 0.01,
+        lr: float = 0.02,
         optimizer: str = "sgd",
         momentum: float = 0.9,
         weight_decay: float = 0.0,

@@ -14,7 +14,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
 class LitCifarNet(pl.LightningModule):
-    def __init__(self, lr: float = 0.01, optimizer: str = "sgd", momentum: float = 0.9, weight_decay: float = 0.0):
+    def __init__(self, lr: float = 0.02, optimizer: str = "sgd", momentum: float = 0.9, weight_decay: float = 0.0):
         super().__init__()
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")

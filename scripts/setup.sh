@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Create the project's virtual environment and install its pinned packages.
+set -euo pipefail
+source "$(dirname "$0")/common.sh"
+
+usage() {
+  cat <<USAGE
+Usage: scripts/setup.sh [--dev] [--venv DIR]
+
+Creates a Python virtual environment (default: $REPO_ROOT/.venv, or \$VENV) and installs
+requirements.txt (with --dev, requirements-dev.txt: adds pytest and ruff). Idempotent: it
+does nothing when the environment already matches the requirements. Writes nothing outside
+the environment folder apart from pip's cache.
+USAGE
+}
+
+dev=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dev) dev=1; shift ;;
+    --venv) need_value "$1" $#; VENV="$2"; shift 2 ;;
+    -h|--help) usage; exit 0 ;;
+    *) die "unknown option $1 (see --help)" ;;
+  esac
+done
+
+reqs="$REPO_ROOT/requirements.txt"
+[ "$dev" = 1 ] && reqs="$REPO_ROOT/requirements-dev.txt"
+python=${PYTHON:-python3}
+command -v "$python" >/dev/null || die "$python not found; install Python 3.10+ or set PYTHON"
+"$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || die "Python 3.10+ needed, found $("$python" --version)"
+
+stamp="$VENV/.requirements-stamp"
+want="$(cat "$REPO_ROOT/requirements.txt" "$reqs" | sha256sum | cut -d' ' -f1)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  echo "setup: $VENV is up to date"
+  exit 0
+fi
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "setup: creating virtual environment $VENV"
+  "$python" -m venv "$VENV" || die "could not create a virtual environment at $VENV"
+fi
+echo "setup: installing $(basename "$reqs") into $VENV (torch alone is several GB the first time)"
+"$VENV/bin/python" -m pip install --quiet --upgrade pip || die "pip upgrade failed"
+"$VENV/bin/python" -m pip install --quiet -r "$reqs" || die "pip install -r $reqs failed"
+echo "$want" > "$stamp"
+echo "setup: done"
