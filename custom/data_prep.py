@@ -121,7 +121,7 @@ def generate_offline(data_root, train_size: int = 3000, test_size: int = 1000, s
     folder = batches_dir(data_root)
     folder.mkdir(parents=True, exist_ok=True)
     per_batch = np.array_split(np.arange(train_size), len(TRAIN_BATCHES))
-    for name, idx in zip(TRAIN_BATCHES, per_batch):
+    for name, idx in zip(TRAIN_BATCHES, per_batch, strict=True):
         data, labels = sample(len(idx))
         _write_batch(folder / name, data, labels, name)
     data, labels = sample(test_size)
@@ -163,7 +163,8 @@ def main(argv=None) -> int:
             if has_batches and not is_offline:
                 raise ValueError(f"{root} holds real CIFAR-10; choose another --data-root for offline data")
             if not has_batches:
-                print(f"generating offline dataset in {root} ({a.offline_train_size} train, {a.offline_test_size} test)")
+                sizes = f"{a.offline_train_size} train, {a.offline_test_size} test"
+                print(f"generating offline dataset in {root} ({sizes})")
                 generate_offline(root, a.offline_train_size, a.offline_test_size)
         else:
             if is_offline:

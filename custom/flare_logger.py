@@ -12,7 +12,7 @@ params, in chunks MLflow accepts.
 """
 
 from argparse import Namespace
-from typing import Callable, Mapping, Optional
+from collections.abc import Callable, Mapping
 
 from pytorch_lightning.loggers.logger import Logger
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
@@ -22,7 +22,7 @@ PARAMS = "params"
 MAX_PARAMS_PER_RECORD = 100  # MLflow's log_batch limit
 MAX_PARAM_VALUE_LENGTH = 6000  # MLflow's limit on a param value
 
-Sender = Callable[[str, dict, Optional[int], Optional[int]], None]
+Sender = Callable[[str, dict, int | None, int | None], None]
 
 
 def flatten(params: Mapping, prefix: str = "") -> dict:
@@ -44,7 +44,7 @@ class FlareLogger(Logger):
         super().__init__()
         self._send = send
         self._site = site
-        self.round: Optional[int] = None
+        self.round: int | None = None
         self.step_offset = 0  # training batches run before the current Trainer
         self.epoch_offset = 0  # local epochs run before the current Trainer
         self.key_prefix = ""  # e.g. "global_" while validating the received global model
@@ -64,7 +64,7 @@ class FlareLogger(Logger):
         self.step_offset += batches
         self.epoch_offset += epochs
 
-    def map_step(self, keys, step: Optional[int]) -> int:
+    def map_step(self, keys, step: int | None) -> int:
         """The step to send: offset + Lightning's step, moved past any step these keys already used."""
         out = self.step_offset + (step or 0)
         for key in keys:
@@ -76,7 +76,7 @@ class FlareLogger(Logger):
         return out
 
     @rank_zero_only
-    def log_metrics(self, metrics: Mapping[str, float], step: Optional[int] = None) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         values = {f"{self.key_prefix}{k}": float(v) for k, v in metrics.items() if k != "epoch"}
         if not values:
             return

@@ -167,7 +167,8 @@ class LightningExecutor(Executor):
         state = self.app_dir / STATE_FILE
         if state.is_file():
             saved = json.loads(state.read_text())
-            self.metrics_logger.step_offset, self.metrics_logger.epoch_offset = saved["step_offset"], saved["epoch_offset"]
+            self.metrics_logger.step_offset = saved["step_offset"]
+            self.metrics_logger.epoch_offset = saved["epoch_offset"]
             self.best_local_acc = saved["best_local_acc"]
         # Sent with the first train task, beside the LightningModule's own hyperparameters.
         self.site_params = dict(
@@ -305,4 +306,3 @@ class LightningExecutor(Executor):
         state = torch.load(path, map_location="cpu", weights_only=True)
         weights = {k: v.numpy() for k, v in state.items()}
         return DXO(data_kind=DataKind.WEIGHTS, data=weights).to_shareable()
-
