@@ -96,7 +96,7 @@ def write_splits(data_root, labels, num_sites, alpha, seed, val_fraction) -> dic
     return info
 
 
-def generate_offline(data_root, train_size: int = 3000, test_size: int = 1000, seed: int = 1234) -> None:
+def generate_offline(data_root, train_size: int = 6000, test_size: int = 1000, seed: int = 1234) -> None:
     """Write a small learnable dataset in CIFAR-10's layout, for machines without internet.
 
     Each class is a fixed coarse colour pattern; samples add a random shift, contrast,
@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of each site kept for validation")
     p.add_argument("--offline", action="store_true", help="generate the offline dataset instead of downloading")
-    p.add_argument("--offline-train-size", type=int, default=3000)
+    p.add_argument("--offline-train-size", type=int, default=6000)
     p.add_argument("--offline-test-size", type=int, default=1000)
     a = p.parse_args(argv)
     root = Path(a.data_root)

@@ -25,7 +25,7 @@ def load_global_model(path) -> CifarNet:
     return net.eval()
 
 
-def test_accuracy(net: torch.nn.Module, data_root) -> tuple:
+def global_test_accuracy(net: torch.nn.Module, data_root) -> tuple:
     """(accuracy, number of test images)."""
     images, labels = read_test_set(data_root, site="server")
     correct = 0
@@ -45,7 +45,7 @@ def main(argv) -> int:
         print(f"evaluate_global_model: no model file at {model}", file=sys.stderr)
         return 1
     try:
-        acc, n = test_accuracy(load_global_model(model), data_root)
+        acc, n = global_test_accuracy(load_global_model(model), data_root)
     except SiteDataError as e:
         print(f"evaluate_global_model: {e}", file=sys.stderr)
         return 1

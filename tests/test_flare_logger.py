@@ -1,0 +1,129 @@
+"""The Lightning logger's step arithmetic and hyperparameters, driven by real Lightning Trainers."""
+
+import logging
+import threading
+import time
+
+import pytest
+import pytorch_lightning as pl
+from nvflare.apis.signal import Signal
+
+from cifar_data import SiteDataModule
+from flare_logger import MAX_PARAMS_PER_RECORD, METRICS, PARAMS, FlareLogger
+from lightning_executor import AbortOnSignal, TaskAborted
+from lit_cifar import LitCifarNet
+
+logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+
+
+class Recorder:
+    """What the executor's sender would fire as FLARE events, kept in order."""
+
+    def __init__(self):
+        self.records = []
+
+    def __call__(self, kind, values, step, fl_round):
+        self.records.append((kind, dict(values), step, fl_round))
+
+    def steps(self):
+        out = {}
+        for kind, values, step, _ in self.records:
+            if kind == METRICS:
+                for key in values:
+                    out.setdefault(key, []).append(step)
+        return out
+
+
+def test_steps_continue_across_rounds_and_stages():
+    rec = Recorder()
+    log = FlareLogger(rec)
+    for fl_round in range(3):
+        log.round = fl_round
+        log.key_prefix = "global_"
+        log.log_metrics({"val_acc": 0.5, "epoch": 0}, step=0)  # validate(): Lightning says step 0
+        log.key_prefix = ""
+        for s in (9, 19):
+            log.log_metrics({"train_loss_step": 1.0, "epoch": 0}, step=s)  # fit restarts at 0 each round
+        log.log_metrics({"val_acc": 0.6, "epoch": 0}, step=19)  # validation during fit
+        log.log_metrics({"train_loss_epoch": 1.0, "epoch": 0}, step=20)
+        log.advance(batches=20, epochs=1)
+    steps = rec.steps()
+    assert steps["global_val_acc"] == [0, 20, 40]
+    assert steps["train_loss_step"] == [9, 19, 29, 39, 49, 59]
+    assert steps["val_acc"] == [19, 39, 59]
+    assert steps["train_loss_epoch"] == [20, 40, 60]
+    for key, series in steps.items():
+        assert all(b > a for a, b in zip(series, series[1:], strict=False)), (key, series)
+    assert [r[3] for r in rec.records if "global_val_acc" in r[1]] == [0, 1, 2]
+    epochs = [r[1]["epoch"] for r in rec.records if "epoch" in r[1]]
+    assert epochs == sorted(epochs) and epochs[-1] == 2  # continued, not reset per round
+
+
+def test_a_repeated_step_is_moved_past_the_last_one():
+    rec = Recorder()
+    log = FlareLogger(rec)
+    for _ in range(3):
+        log.log_metrics({"test_acc": 0.1}, step=0)  # e.g. test() called three times in one round
+    assert rec.steps()["test_acc"] == [0, 1, 2]
+
+
+def test_hyperparameters_are_flattened_sent_once_and_chunked():
+    rec = Recorder()
+    log = FlareLogger(rec)
+    log.log_hyperparams({"lr": 0.1, "opt": {"name": "sgd", "momentum": 0.9}})
+    log.log_hyperparams({"lr": 0.1})  # every Trainer logs them again: nothing new to send
+    assert rec.records == [(PARAMS, {"lr": "0.1", "opt/momentum": "0.9", "opt/name": "sgd"}, None, None)]
+    log.log_hyperparams({f"p{i:03d}": i for i in range(250)})
+    chunks = [r[1] for r in rec.records[1:]]
+    assert [len(c) for c in chunks] == [MAX_PARAMS_PER_RECORD, MAX_PARAMS_PER_RECORD, 50]
+
+
+def test_real_trainers_over_two_rounds_give_strictly_increasing_steps(offline_data):
+    rec = Recorder()
+    log = FlareLogger(rec)
+    data = SiteDataModule(str(offline_data), "site-1", batch_size=64)
+    model = LitCifarNet()
+    for fl_round in range(2):
+        log.round = fl_round
+        log.key_prefix = "global_"
+        pl.Trainer(logger=log, enable_progress_bar=False, enable_model_summary=False).validate(
+            model, datamodule=data, verbose=False
+        )
+        log.key_prefix = ""
+        trainer = pl.Trainer(
+            max_epochs=2,
+            logger=log,
+            log_every_n_steps=5,
+            num_sanity_val_steps=0,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(model, datamodule=data)
+        log.advance(trainer.global_step, 2)
+    steps = rec.steps()
+    for key, series in steps.items():
+        assert all(b > a for a, b in zip(series, series[1:], strict=False)), (key, series)
+    assert len(steps["global_val_acc"]) == 2
+    assert len(steps["val_acc"]) == len(steps["train_loss_epoch"]) == 4
+    assert {"lr", "optimizer", "momentum", "weight_decay", "batch_size"} <= {
+        k for kind, values, _, _ in rec.records if kind == PARAMS for k in values
+    }
+
+
+def test_abort_signal_stops_a_running_trainer_within_seconds(offline_data):
+    signal = Signal()
+    data = SiteDataModule(str(offline_data), "site-1", batch_size=8)
+    trainer = pl.Trainer(
+        max_epochs=1000,
+        logger=False,
+        callbacks=[AbortOnSignal(signal)],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    threading.Timer(1.0, signal.trigger, args=("test abort",)).start()
+    started = time.monotonic()
+    with pytest.raises(TaskAborted):
+        trainer.fit(LitCifarNet(), datamodule=data)
+    assert time.monotonic() - started < 6

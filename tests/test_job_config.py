@@ -1,0 +1,74 @@
+"""The hand-written job folder: JSON, class paths, the shipped site code, configure_job."""
+
+import importlib
+import json
+import os
+
+import pytest
+
+from configure_job import JobConfigError, configure_job
+from conftest import JOB, REPO
+from lightning_executor import GLOBAL_PREFIX
+
+CONFIGS = [JOB / "meta.json", JOB / "app/config/config_fed_server.json", JOB / "app/config/config_fed_client.json"]
+
+
+def walk(node, path=""):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield path, key, value
+            yield from walk(value, f"{path}/{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from walk(value, f"{path}[{i}]")
+
+
+def class_paths():
+    for config in CONFIGS[1:]:
+        for where, key, value in walk(json.loads(config.read_text())):
+            if key == "path" and isinstance(value, str):
+                yield f"{config.name}:{where}", value
+
+
+@pytest.mark.parametrize("where,class_path", list(class_paths()))
+def test_every_class_path_imports(where, class_path):
+    module, _, name = class_path.rpartition(".")
+    assert getattr(importlib.import_module(module), name), where
+
+
+def test_configs_parse_and_have_no_dotted_keys():
+    # `nvflare job submit` turns "a.b" keys into nested objects (see the README).
+    for config in CONFIGS:
+        for where, key, _ in walk(json.loads(config.read_text())):
+            assert "." not in key, f"{config.name}: dotted key {key!r} at {where or '/'}"
+
+
+def test_key_metric_is_one_the_sites_report():
+    server = json.loads(CONFIGS[1].read_text())
+    # The executor reports the LightningModule's "val_acc" for the received global model under this name.
+    assert server["key_metric"] == f"{GLOBAL_PREFIX}val_acc"
+
+
+def test_site_code_is_shipped_as_links_to_custom_not_copies():
+    custom = REPO / "custom"
+    shipped = JOB / "app" / "custom"
+    modules = sorted(p.name for p in custom.glob("*.py"))
+    assert sorted(p.name for p in shipped.iterdir()) == modules
+    for name in modules:
+        link = shipped / name
+        assert link.is_symlink(), f"{link} must be a symlink to custom/{name}"
+        assert link.resolve() == (custom / name).resolve()
+        assert os.readlink(link) == f"../../../../custom/{name}"  # relative: works in any clone
+
+
+def test_configure_job_sets_variables_on_a_copy(tmp_path):
+    dest = configure_job(JOB, tmp_path / "job", {"server.num_rounds": 5, "client.data_root": "/data"})
+    assert json.loads((dest / "app/config/config_fed_server.json").read_text())["num_rounds"] == 5
+    assert json.loads((dest / "app/config/config_fed_client.json").read_text())["data_root"] == "/data"
+    assert json.loads(CONFIGS[1].read_text())["num_rounds"] == 2  # the original is untouched
+    assert not (dest / "app/custom/cifar_net.py").is_symlink()  # real files: the copy runs anywhere
+
+
+def test_configure_job_refuses_unknown_variables(tmp_path):
+    with pytest.raises(JobConfigError, match="has no variable 'num_round'"):
+        configure_job(JOB, tmp_path / "job", {"server.num_round": 5})

@@ -1,0 +1,91 @@
+"""The job in the real FLARE simulator: 2 sites, 2 rounds, offline data, tracked in SQLite."""
+
+import json
+import math
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from cifar_data import split_path
+from configure_job import configure_job
+from conftest import JOB, run_simulator
+from evaluate_global_model import global_test_accuracy, load_global_model
+
+ROUNDS, SITES, EPOCHS, BATCH, LOG_EVERY = 2, 2, 1, 32, 10
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def finished_run(offline_data, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    job = configure_job(
+        JOB,
+        tmp / "job" / "hello-lightning-mlflow",
+        {
+            "server.num_rounds": ROUNDS,
+            "client.data_root": str(offline_data),
+            "client.local_epochs": EPOCHS,
+            "client.batch_size": BATCH,
+        },
+    )
+    workspace = tmp / "workspace"
+    result = run_simulator(job, workspace, sites=SITES)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    server = workspace / "server" / "simulate_job"
+    return server, log
+
+
+def test_global_models_are_written_and_the_final_one_beats_chance(finished_run, offline_data):
+    server, _ = finished_run
+    assert (server / "app_server" / "FL_global_model.pt").is_file()
+    # Written only when the server's key_metric matches what the sites report.
+    assert (server / "app_server" / "best_FL_global_model.pt").is_file()
+    accuracy, n = global_test_accuracy(load_global_model(server / "app_server" / "FL_global_model.pt"), offline_data)
+    print(f"final global model: test accuracy {accuracy:.4f} on {n} held-out images")
+    assert n == 1000 and accuracy > 0.3  # chance is 0.1
+
+
+def test_mlflow_has_one_finished_run_per_site_with_params_and_metrics(finished_run, offline_data):
+    server, _ = finished_run
+    client = MlflowClient(f"sqlite:///{server / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("hello-lightning-mlflow")
+    runs = client.search_runs([experiment.experiment_id])
+    by_site = {r.data.params.get("site"): r for r in runs}
+    assert sorted(by_site) == ["site-1", "site-2"] and len(runs) == SITES
+
+    for site, run in by_site.items():
+        assert run.info.status == "FINISHED"
+        assert run.info.run_name.startswith(site)
+        params = run.data.params
+        for name in ("lr", "optimizer", "momentum", "batch_size", "local_epochs", "train_samples", "torch_threads"):
+            assert name in params, f"{site}: param {name} missing"
+        assert params["batch_size"] == str(BATCH) and params["local_epochs"] == str(EPOCHS)
+
+        n_train = len(json.loads(split_path(offline_data, site).read_text())["train"])
+        assert params["train_samples"] == str(n_train)
+        steps_per_round = EPOCHS * math.ceil(n_train / BATCH)
+        expected = {
+            "global_val_acc": ROUNDS,  # the received global model, once per round
+            "global_val_loss": ROUNDS,
+            "val_acc": ROUNDS * EPOCHS,  # the local model, each local epoch
+            "val_loss": ROUNDS * EPOCHS,
+            "train_loss_epoch": ROUNDS * EPOCHS,
+            "train_acc_epoch": ROUNDS * EPOCHS,
+            "train_loss_step": ROUNDS * (steps_per_round // LOG_EVERY),
+        }
+        for key, count in expected.items():
+            history = client.get_metric_history(run.info.run_id, key)
+            steps = [m.step for m in sorted(history, key=lambda m: m.timestamp)]
+            assert len(history) == count, f"{site} {key}: {len(history)} points, expected {count}"
+            assert sorted(steps) == steps and len(set(steps)) == len(steps), f"{site} {key}: steps {steps}"
+        last_step = max(m.step for m in client.get_metric_history(run.info.run_id, "train_loss_epoch"))
+        # Epoch-end records sit at the epoch's last batch; steps never restart at a new round.
+        assert last_step == ROUNDS * steps_per_round - 1
+
+
+def test_each_site_trains_on_its_own_share(finished_run):
+    _, log = finished_run
+    assert "site-1: 2700 train / 300 val samples" in log and "site-2: 2700 train / 300 val samples" in log
+    assert log.count("aggregating 2 update(s) at round") == ROUNDS
