@@ -144,6 +144,7 @@ class LightningExecutor(Executor):
         self.app_dir = None
         self._fl_ctx = None
         self.best_local_acc = -1.0
+        self.setup_error = None
 
     # ----- lifecycle -------------------------------------------------------------------
     def handle_event(self, event_type: str, fl_ctx: FLContext):
@@ -151,8 +152,11 @@ class LightningExecutor(Executor):
             try:
                 self._setup(fl_ctx)
             except (SiteDataError, ValueError) as e:
-                self.log_error(fl_ctx, str(e))
-                self.system_panic(str(e), fl_ctx)
+                # Not a system_panic: that stops this site's runner while the server keeps
+                # waiting for it. Failing each task instead lets ScatterAndGather decide:
+                # carry on if min_clients can still be met, else end the job with this reason.
+                self.setup_error = str(e)
+                self.log_error(fl_ctx, self.setup_error)
 
     def _setup(self, fl_ctx: FLContext):
         self.site = fl_ctx.get_identity_name()
@@ -219,8 +223,9 @@ class LightningExecutor(Executor):
 
     # ----- tasks -----------------------------------------------------------------------
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
-        if self.module is None:
-            return make_reply(ReturnCode.EXECUTION_EXCEPTION)  # setup failed; the reason is logged
+        if self.setup_error:
+            self.log_error(fl_ctx, f"cannot run {task_name}: {self.setup_error}")
+            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
         self._fl_ctx = fl_ctx
         train, validate, submit = self.task_names
         try:

@@ -89,3 +89,21 @@ def test_each_site_trains_on_its_own_share(finished_run):
     _, log = finished_run
     assert "site-1: 2700 train / 300 val samples" in log and "site-2: 2700 train / 300 val samples" in log
     assert log.count("aggregating 2 update(s) at round") == ROUNDS
+
+
+def test_a_site_without_its_split_ends_the_job_with_one_clear_line(offline_data, tmp_path):
+    import shutil
+
+    data = shutil.copytree(offline_data, tmp_path / "data")
+    split_path(data, "site-2").unlink()
+    job = configure_job(JOB, tmp_path / "job" / "hello-lightning-mlflow", {"client.data_root": str(data)})
+    result = run_simulator(job, tmp_path / "workspace", sites=SITES, timeout=300)
+    log = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert (
+        f"site site-2: missing split file (run scripts/prepare_data.sh with enough sites): {data}/splits/site-2.json"
+        in log
+    )
+    # With 1 of 2 sites left, FedAvg cannot meet min_clients: the server ends the job and says why.
+    assert "Cannot reach min_responses" in log
+    assert not (tmp_path / "workspace/server/simulate_job/app_server/FL_global_model.pt").exists()
