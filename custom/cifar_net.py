@@ -12,8 +12,16 @@ NUM_CLASSES = 10
 class CifarNet(nn.Module):
     """A small CNN for 32x32x3 images: three conv blocks, then two linear layers."""
 
-    def __init__(self, num_classes: int = NUM_CLASSES):
+    def __init__(self, num_classes: int = NUM_CLASSES, init_seed: int | None = None):
         super().__init__()
+        # A seeded initial global model makes a federated run reproducible; fork_rng keeps
+        # the caller's random state untouched.
+        with torch.random.fork_rng(enabled=init_seed is not None):
+            if init_seed is not None:
+                torch.manual_seed(init_seed)
+            self._build(num_classes)
+
+    def _build(self, num_classes: int) -> None:
         self.features = nn.Sequential(
             nn.Conv2d(3, 16, 3, padding=1),
             nn.ReLU(inplace=True),

@@ -72,3 +72,33 @@ def test_configure_job_sets_variables_on_a_copy(tmp_path):
 def test_configure_job_refuses_unknown_variables(tmp_path):
     with pytest.raises(JobConfigError, match="has no variable 'num_round'"):
         configure_job(JOB, tmp_path / "job", {"server.num_round": 5})
+
+
+def test_simulator_concurrency_is_read_from_the_simulator_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    from lightning_executor import simulator_concurrency
+
+    cases = {("-n", "4", "-t", "2"): 2, ("-n", "2", "-t", "3"): 2, ("--threads=3", "-c", "a,b,c,d"): 3, ("-n", "3"): 1}
+    for args, expected in cases.items():
+        script = tmp_path / "simulator.py"  # stands in for the simulator process: only its argv is read
+        script.write_text("import time; time.sleep(30)")
+        proc = subprocess.Popen([sys.executable, str(script), *args])
+        try:
+            assert simulator_concurrency(["worker", "--parent_pid", str(proc.pid)]) == expected, args
+        finally:
+            proc.kill()
+            proc.wait()
+    assert simulator_concurrency(["worker"]) == 1  # not started by a simulator
+
+
+def test_seeded_initial_global_model_is_reproducible():
+    import torch
+
+    from cifar_net import CifarNet
+
+    a, b = CifarNet(init_seed=0).state_dict(), CifarNet(init_seed=0).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    server = json.loads(CONFIGS[1].read_text())
+    assert server["components"][0]["args"]["model"]["args"]["init_seed"] == "{seed}"

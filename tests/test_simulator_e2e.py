@@ -91,6 +91,14 @@ def test_each_site_trains_on_its_own_share(finished_run):
     assert log.count("aggregating 2 update(s) at round") == ROUNDS
 
 
+def test_sites_running_at_once_share_the_cores(finished_run):
+    import os
+
+    _, log = finished_run
+    threads = max(1, len(os.sched_getaffinity(0)) // SITES)  # -t 2: two sites at once
+    assert log.count(f"{threads} torch thread(s)") == SITES
+
+
 def test_a_site_without_its_split_ends_the_job_with_one_clear_line(offline_data, tmp_path):
     import shutil
 
