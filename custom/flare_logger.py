@@ -50,6 +50,7 @@ class FlareLogger(Logger):
         self.key_prefix = ""  # e.g. "global_" while validating the received global model
         self._last_step: dict = {}
         self._sent_params: dict = {}
+        self.points_sent = 0  # metric values handed to FLARE, for end-to-end accounting
 
     @property
     def name(self) -> str:
@@ -87,6 +88,7 @@ class FlareLogger(Logger):
             values["epoch"] = float(metrics["epoch"]) + self.epoch_offset
             self._last_step["epoch"] = out
         self._send(METRICS, values, out, self.round)
+        self.points_sent += len(values)
 
     @rank_zero_only
     def log_hyperparams(self, params, *args, **kwargs) -> None:

@@ -31,13 +31,15 @@ from nvflare.apis.signal import Signal
 from nvflare.apis.utils.analytix_utils import create_analytic_dxo, send_analytic_dxo
 from nvflare.app_common.app_constant import AppConstants
 
-from cifar_data import SiteDataError, SiteDataModule
+from cifar_data import SPLITS_DIR, SiteDataError, SiteDataModule
 from flare_logger import METRICS, FlareLogger
 from lit_cifar import OPTIMIZERS, LitCifarNet
 
 STATE_FILE = "site_state.json"  # survives a simulator worker that is restarted between tasks
 BEST_MODEL_FILE = "best_local_model.pt"
 GLOBAL_PREFIX = "global_"  # metrics of the received global model, before local training
+# Read by mlflow_tracking.FederatedMLflowTracker (not imported: sites need no MLflow).
+VAL_SAMPLES_META = "val_samples"
 
 
 class TaskAborted(Exception):
@@ -95,6 +97,15 @@ def simulator_concurrency(worker_argv) -> int:
     return max(1, min(int(threads) if threads else 1, n))
 
 
+def split_params(data_root) -> dict:
+    """How the site's share was made (from prepare_data's split_info.json), as params."""
+    try:
+        info = json.loads((Path(data_root) / SPLITS_DIR / "split_info.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {"split": info.get("split"), "alpha": info.get("alpha"), "split_seed": info.get("seed")}
+
+
 class LightningExecutor(Executor):
     def __init__(
         self,
@@ -148,6 +159,9 @@ class LightningExecutor(Executor):
 
     # ----- lifecycle -------------------------------------------------------------------
     def handle_event(self, event_type: str, fl_ctx: FLContext):
+        if event_type == EventType.END_RUN and self.metrics_logger is not None:
+            # The sending side's count, to compare with what reaches MLflow.
+            self.log_info(fl_ctx, f"{self.site}: sent {self.metrics_logger.points_sent} metric points")
         if event_type == EventType.START_RUN:
             try:
                 self._setup(fl_ctx)
@@ -176,6 +190,7 @@ class LightningExecutor(Executor):
             self.best_local_acc = saved["best_local_acc"]
         # Sent with the first train task, beside the LightningModule's own hyperparameters.
         self.site_params = dict(
+            **split_params(self.data_root),
             site=self.site,
             local_epochs=self.local_epochs,
             train_samples=len(self.data.train_set),
@@ -291,6 +306,7 @@ class LightningExecutor(Executor):
         dxo = DXO(data_kind=DataKind.WEIGHT_DIFF, data=diff)
         dxo.set_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND, samples)
         dxo.set_meta_prop(MetaKey.INITIAL_METRICS, global_metrics)
+        dxo.set_meta_prop(VAL_SAMPLES_META, len(self.data.val_set))  # weights the server's global average
         return dxo.to_shareable()
 
     def _validate(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:

@@ -11,6 +11,8 @@ for folder in ("custom", "scripts"):
 
 import data_prep  # noqa: E402
 
+ROUNDS, SITES, EPOCHS, BATCH, LOG_EVERY = 2, 2, 1, 32, 10
+
 
 @pytest.fixture(scope="session")
 def offline_data(tmp_path_factory) -> Path:
@@ -24,3 +26,38 @@ def run_simulator(job: Path, workspace: Path, sites: int = 2, timeout: int = 600
     nvflare = Path(sys.executable).parent / "nvflare"
     cmd = [str(nvflare), "simulator", str(job), "-n", str(sites), "-t", str(sites), "-w", str(workspace)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def finished_run(offline_data, tmp_path_factory):
+    """One simulator run of the job (2 sites, 2 rounds, offline data), shared by the end-to-end tests."""
+    from configure_job import configure_job
+
+    tmp = tmp_path_factory.mktemp("e2e")
+    job = configure_job(
+        JOB,
+        tmp / "job" / "hello-lightning-mlflow",
+        {
+            "server.num_rounds": ROUNDS,
+            "client.data_root": str(offline_data),
+            "client.local_epochs": EPOCHS,
+            "client.batch_size": BATCH,
+        },
+    )
+    workspace = tmp / "workspace"
+    result = run_simulator(job, workspace, sites=SITES)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    server = workspace / "server" / "simulate_job"
+    return server, log
+
+
+def tracked_runs(server):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{server / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("hello-lightning-mlflow")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("role") == "federation"]
+    children = {r.data.tags.get("site"): r for r in runs if r.data.tags.get("role") == "site"}
+    return client, parents, children

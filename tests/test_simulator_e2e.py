@@ -2,39 +2,16 @@
 
 import json
 import math
+import re
 
 import pytest
-from mlflow.tracking import MlflowClient
 
 from cifar_data import split_path
 from configure_job import configure_job
-from conftest import JOB, run_simulator
+from conftest import BATCH, EPOCHS, JOB, LOG_EVERY, ROUNDS, SITES, run_simulator, tracked_runs
 from evaluate_global_model import global_test_accuracy, load_global_model
 
-ROUNDS, SITES, EPOCHS, BATCH, LOG_EVERY = 2, 2, 1, 32, 10
-
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def finished_run(offline_data, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("e2e")
-    job = configure_job(
-        JOB,
-        tmp / "job" / "hello-lightning-mlflow",
-        {
-            "server.num_rounds": ROUNDS,
-            "client.data_root": str(offline_data),
-            "client.local_epochs": EPOCHS,
-            "client.batch_size": BATCH,
-        },
-    )
-    workspace = tmp / "workspace"
-    result = run_simulator(job, workspace, sites=SITES)
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, log[-3000:]
-    server = workspace / "server" / "simulate_job"
-    return server, log
 
 
 def test_global_models_are_written_and_the_final_one_beats_chance(finished_run, offline_data):
@@ -47,19 +24,23 @@ def test_global_models_are_written_and_the_final_one_beats_chance(finished_run, 
     assert n == 1000 and accuracy > 0.3  # chance is 0.1
 
 
-def test_mlflow_has_one_finished_run_per_site_with_params_and_metrics(finished_run, offline_data):
-    server, _ = finished_run
-    client = MlflowClient(f"sqlite:///{server / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("hello-lightning-mlflow")
-    runs = client.search_runs([experiment.experiment_id])
-    by_site = {r.data.params.get("site"): r for r in runs}
-    assert sorted(by_site) == ["site-1", "site-2"] and len(runs) == SITES
+def sent_points(log: str, site: str) -> int:
+    match = re.search(rf"{site}: sent (\d+) metric points", log)
+    assert match, f"{site} did not report its sent count"
+    return int(match.group(1))
 
-    for site, run in by_site.items():
+
+def test_mlflow_has_a_finished_run_per_site_with_params_and_metrics(finished_run, offline_data):
+    server, log = finished_run
+    client, parents, children = tracked_runs(server)
+    assert len(parents) == 1 and sorted(children) == ["site-1", "site-2"]
+
+    for site, run in children.items():
         assert run.info.status == "FINISHED"
-        assert run.info.run_name.startswith(site)
+        assert run.info.run_name == site
+        assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         params = run.data.params
-        for name in ("lr", "optimizer", "momentum", "batch_size", "local_epochs", "train_samples", "torch_threads"):
+        for name in ("lr", "optimizer", "momentum", "batch_size", "local_epochs", "train_samples", "split"):
             assert name in params, f"{site}: param {name} missing"
         assert params["batch_size"] == str(BATCH) and params["local_epochs"] == str(EPOCHS)
 
@@ -75,11 +56,16 @@ def test_mlflow_has_one_finished_run_per_site_with_params_and_metrics(finished_r
             "train_acc_epoch": ROUNDS * EPOCHS,
             "train_loss_step": ROUNDS * (steps_per_round // LOG_EVERY),
         }
-        for key, count in expected.items():
+        total = 0
+        for key in run.data.metrics:
             history = client.get_metric_history(run.info.run_id, key)
+            total += len(history)
             steps = [m.step for m in sorted(history, key=lambda m: m.timestamp)]
-            assert len(history) == count, f"{site} {key}: {len(history)} points, expected {count}"
             assert sorted(steps) == steps and len(set(steps)) == len(steps), f"{site} {key}: steps {steps}"
+            if key in expected:
+                assert len(history) == expected[key], f"{site} {key}: {len(history)} points, not {expected[key]}"
+        assert set(expected) <= set(run.data.metrics)
+        assert total == sent_points(log, site)  # every point the site sent, nothing more
         last_step = max(m.step for m in client.get_metric_history(run.info.run_id, "train_loss_epoch"))
         # Epoch-end records sit at the epoch's last batch; steps never restart at a new round.
         assert last_step == ROUNDS * steps_per_round - 1
@@ -115,3 +101,7 @@ def test_a_site_without_its_split_ends_the_job_with_one_clear_line(offline_data,
     # With 1 of 2 sites left, FedAvg cannot meet min_clients: the server ends the job and says why.
     assert "Cannot reach min_responses" in log
     assert not (tmp_path / "workspace/server/simulate_job/app_server/FL_global_model.pt").exists()
+    # The runs tell the truth: the job failed.
+    _, (parent,), children = tracked_runs(tmp_path / "workspace/server/simulate_job")
+    assert parent.info.status == "FAILED" and "min_responses" in parent.data.tags["failure_reason"]
+    assert {run.info.status for run in children.values()} == {"FAILED"}

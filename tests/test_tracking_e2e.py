@@ -1,0 +1,92 @@
+"""The federation in MLflow after a 2-site simulator run: run tree, global metrics per round,
+FL params, the registered global model, the cross-site matrix, and the write path's accounting."""
+
+import json
+
+import mlflow
+import mlflow.artifacts
+import mlflow.pytorch
+import pytest
+import torch
+
+from conftest import ROUNDS, SITES, tracked_runs
+from mlflow_tracking import MAX_KEY_LENGTH, MAX_PARAM_VALUE_LENGTH, STATS_FILE
+
+pytestmark = pytest.mark.slow
+
+
+def test_parent_run_holds_one_global_point_per_round_with_each_site_beside_it(finished_run):
+    server, _ = finished_run
+    client, (parent,), children = tracked_runs(server)
+    assert parent.info.status == "FINISHED"
+    assert parent.info.run_name == "hello-lightning-mlflow"
+    tags = parent.data.tags
+    assert tags["job_id"] and tags["sites"] == "site-1,site-2"
+    for lib in ("nvflare", "pytorch-lightning", "mlflow", "torch"):
+        assert tags[f"{lib}_version"]
+    for key in ("global_val_acc", "global_val_loss", "contributing_sites"):
+        history = client.get_metric_history(parent.info.run_id, key)
+        assert sorted(m.step for m in history) == list(range(ROUNDS)), key
+    for fl_round in range(ROUNDS):
+        per_site = {}
+        for site, run in children.items():
+            site_history = client.get_metric_history(parent.info.run_id, f"global_val_acc/{site}")
+            per_site[site] = next(m.value for m in site_history if m.step == fl_round)
+            own = client.get_metric_history(run.info.run_id, "global_val_acc")
+            assert per_site[site] == pytest.approx(sorted(own, key=lambda m: m.step)[fl_round].value)
+        mean = next(
+            m.value for m in client.get_metric_history(parent.info.run_id, "global_val_acc") if m.step == fl_round
+        )
+        # equal validation sets here, so the sample-weighted mean is the plain mean
+        assert mean == pytest.approx(sum(per_site.values()) / SITES)
+    assert {m.value for m in client.get_metric_history(parent.info.run_id, "contributing_sites")} == {SITES}
+
+
+def test_params_hold_the_fl_configuration_within_mlflow_limits(finished_run):
+    server, _ = finished_run
+    _, (parent,), children = tracked_runs(server)
+    params = parent.data.params
+    assert params["num_rounds"] == str(ROUNDS) and params["min_clients"] == str(SITES)
+    for name in ("local_epochs", "aggregation", "split", "seed", "key_metric"):
+        assert name in params, name
+    for run in [parent, *children.values()]:
+        assert len(run.data.params) <= 100
+        for key, value in run.data.params.items():
+            assert len(key) <= MAX_KEY_LENGTH and len(value) <= MAX_PARAM_VALUE_LENGTH
+
+
+def test_best_global_model_is_registered_loads_and_predicts(finished_run):
+    server, _ = finished_run
+    client, (parent,), _ = tracked_runs(server)
+    (version,) = client.search_model_versions("name='hello-lightning-mlflow-global'")
+    assert version.run_id == parent.info.run_id
+    assert int(version.tags["round"]) in range(1, ROUNDS)  # the selector skips round 0
+    assert 0 < float(version.tags["key_metric_value"]) <= 1
+    mlflow.set_tracking_uri(f"sqlite:///{server / 'mlflow.db'}")
+    model = mlflow.pytorch.load_model(f"models:/hello-lightning-mlflow-global/{version.version}")
+    with torch.no_grad():
+        assert model(torch.randn(8, 3, 32, 32)).shape == (8, 10)
+    final = mlflow.pytorch.load_model(f"runs:/{parent.info.run_id}/final_global_model")
+    with torch.no_grad():
+        assert final(torch.randn(5, 3, 32, 32)).shape == (5, 10)
+
+
+def test_cross_site_matrix_is_in_the_parent_run(finished_run):
+    server, _ = finished_run
+    client, (parent,), _ = tracked_runs(server)
+    models = ("SRV_FL_global_model.pt", "SRV_best_FL_global_model.pt", "site-1", "site-2")
+    for model in models:
+        for site in ("site-1", "site-2"):
+            assert f"cross_site/{model}/{site}/val_acc" in parent.data.metrics, (model, site)
+    mlflow.set_tracking_uri(f"sqlite:///{server / 'mlflow.db'}")
+    table = mlflow.artifacts.load_dict(f"runs:/{parent.info.run_id}/cross_site_validation.json")
+    assert len(table["data"]) == len(models) * SITES * 2  # val_acc and val_loss
+
+
+def test_nothing_lost_and_the_event_thread_never_waited(finished_run):
+    server, _ = finished_run
+    stats = json.loads((server / STATS_FILE).read_text())
+    assert stats["lost"] == {} and stats["rejected"] == {}
+    assert stats["max_event_seconds"] < 0.1
+    received = sum(c.get("metric", 0) for c in stats["received"].values())
+    assert received > 0
