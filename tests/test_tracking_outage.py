@@ -1,0 +1,120 @@
+"""A real tracking server that goes away: nothing lost, nothing on the event thread waits.
+
+Each test starts its own `mlflow server` on 127.0.0.1 (SQLite backend, artifacts in a temp
+folder) and runs the job in the simulator against it over HTTP.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from configure_job import configure_job
+from conftest import JOB
+from mlflow_server import MlflowServer
+from mlflow_tracking import STATS_FILE
+
+pytestmark = pytest.mark.slow
+
+# MLflow's own HTTP retry window, shortened so an outage outlasts it quickly (about 3 s here).
+SHORT_RETRY_WINDOW = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "3",
+}
+OUTAGE_SECONDS = 20
+
+
+def start_job(offline_data, tmp_path, uri, rounds):
+    job = configure_job(
+        JOB,
+        tmp_path / "job" / "hello-lightning-mlflow",
+        {"server.num_rounds": rounds, "server.tracking_uri": uri, "client.data_root": str(offline_data)},
+    )
+    log = open(tmp_path / "simulator.log", "w")
+    cmd = [str(Path(sys.executable).parent / "nvflare"), "simulator", str(job), "-n", "2", "-t", "2"]
+    cmd += ["-w", str(tmp_path / "workspace")]
+    env = {**os.environ, **SHORT_RETRY_WINDOW}
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def wait_for_log(tmp_path, pattern, proc, timeout=300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = (tmp_path / "simulator.log").read_text()
+        if re.search(pattern, text):
+            return text
+        assert proc.poll() is None, f"simulator ended early:\n{text[-3000:]}"
+        time.sleep(0.2)
+    raise AssertionError(f"{pattern!r} not in the simulator log after {timeout} s")
+
+
+def finish(proc, timeout=400):
+    try:
+        assert proc.wait(timeout) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+
+
+def assert_every_point_arrived(tmp_path, uri):
+    log = (tmp_path / "simulator.log").read_text()
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("hello-lightning-mlflow")
+    runs = client.search_runs([experiment.experiment_id])
+    counts = {}
+    for run in runs:
+        site = run.data.tags.get("site")
+        if site:
+            counts[site] = sum(len(client.get_metric_history(run.info.run_id, k)) for k in run.data.metrics)
+    sent = {site: int(n) for site, n in re.findall(r"(site-\d+): sent (\d+) metric points", log)}
+    stats = json.loads((tmp_path / "workspace/server/simulate_job" / STATS_FILE).read_text())
+    print(
+        f"metric points sent {sent}, received {counts}; write failures retried {stats['write_failures']}, slowest event {stats['max_event_seconds'] * 1000:.1f} ms"
+    )
+    assert counts == sent and len(sent) == 2
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert stats["lost"] == {}
+    assert stats["max_event_seconds"] < 0.1, stats["slowest_event"]
+    return stats
+
+
+def test_server_down_mid_run_for_longer_than_mlflows_retry_window(offline_data, tmp_path):
+    server = MlflowServer(tmp_path / "mlflow").start()
+    proc = start_job(offline_data, tmp_path, server.uri, rounds=3)
+    try:
+        wait_for_log(tmp_path, r"round 0: global model", proc)
+        server.stop()
+        down_at = time.monotonic()
+        wait_for_log(tmp_path, r"MLflow write failed, will retry", proc, timeout=60)
+        time.sleep(max(0.0, OUTAGE_SECONDS - (time.monotonic() - down_at)))
+        server.start()
+        finish(proc)
+        stats = assert_every_point_arrived(tmp_path, server.uri)
+        assert stats["write_failures"] > 0  # the outage really hit the write path
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+        server.stop()
+
+
+def test_server_unreachable_at_job_start_comes_up_later(offline_data, tmp_path):
+    server = MlflowServer(tmp_path / "mlflow")  # not started yet
+    proc = start_job(offline_data, tmp_path, server.uri, rounds=2)
+    try:
+        wait_for_log(tmp_path, r"MLflow write failed, will retry", proc, timeout=120)
+        wait_for_log(tmp_path, r"round 0: global model", proc)
+        server.start()
+        finish(proc)
+        assert_every_point_arrived(tmp_path, server.uri)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+        server.stop()
