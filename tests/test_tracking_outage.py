@@ -76,9 +76,8 @@ def assert_every_point_arrived(tmp_path, uri):
             counts[site] = sum(len(client.get_metric_history(run.info.run_id, k)) for k in run.data.metrics)
     sent = {site: int(n) for site, n in re.findall(r"(site-\d+): sent (\d+) metric points", log)}
     stats = json.loads((tmp_path / "workspace/server/simulate_job" / STATS_FILE).read_text())
-    print(
-        f"metric points sent {sent}, received {counts}; write failures retried {stats['write_failures']}, slowest event {stats['max_event_seconds'] * 1000:.1f} ms"
-    )
+    slowest = stats["max_event_seconds"] * 1000
+    print(f"points sent {sent}, received {counts}; retried writes {stats['write_failures']}, slowest {slowest:.1f} ms")
     assert counts == sent and len(sent) == 2
     assert {r.info.status for r in runs} == {"FINISHED"}
     assert stats["lost"] == {}
