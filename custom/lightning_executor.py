@@ -269,26 +269,44 @@ class LightningExecutor(Executor):
         # Copies: .numpy() would share memory with tensors the optimizer then changes in place.
         return {k: v.detach().cpu().numpy().copy() for k, v in self.module.net.state_dict().items()}
 
+    # ----- the training engine: Lightning here; pt_executor.PTExecutor swaps in a plain loop ----
+    def start_round(self, fl_round) -> None:
+        """Before the round's work: the round for the logger, params once."""
+        self.metrics_logger.round = fl_round
+        self.metrics_logger.log_hyperparams(self.site_params)
+
+    def evaluate(self, abort_signal: Signal, log_prefix: str | None) -> dict:
+        """The current model on the site's validation data; logged under log_prefix unless None."""
+        if log_prefix is not None:
+            self.metrics_logger.key_prefix = log_prefix
+        try:
+            trainer = self._trainer(abort_signal, logger=log_prefix is not None)
+            (results,) = trainer.validate(self.module, datamodule=self.data, verbose=False)
+        finally:
+            self.metrics_logger.key_prefix = ""
+        return {k: float(v) for k, v in results.items()}
+
+    def fit(self, abort_signal: Signal) -> tuple:
+        """local_epochs of training; returns (optimizer steps, local validation accuracy)."""
+        trainer = self._trainer(abort_signal, max_epochs=self.local_epochs)
+        trainer.fit(self.module, datamodule=self.data)
+        steps = trainer.global_step  # a fresh Trainer starts at 0
+        self.metrics_logger.advance(steps, self.local_epochs)
+        return steps, float(trainer.callback_metrics.get("val_acc", -1.0))
+
     def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         fl_round = shareable.get_header(AppConstants.CURRENT_ROUND)
         self._load_weights(shareable, fl_ctx)
         global_weights = self._weights()
-        self.metrics_logger.round = fl_round
-        self.metrics_logger.log_hyperparams(self.site_params)
+        self.start_round(fl_round)
 
         # 1. The received global model on this site's validation data: selection on the server.
-        self.metrics_logger.key_prefix = GLOBAL_PREFIX
-        (results,) = self._trainer(abort_signal).validate(self.module, datamodule=self.data, verbose=False)
-        self.metrics_logger.key_prefix = ""
-        global_metrics = {f"{GLOBAL_PREFIX}{k}": float(v) for k, v in results.items()}
+        results = self.evaluate(abort_signal, log_prefix=GLOBAL_PREFIX)
+        global_metrics = {f"{GLOBAL_PREFIX}{k}": v for k, v in results.items()}
 
         # 2. Local training.
         started = time.monotonic()
-        trainer = self._trainer(abort_signal, max_epochs=self.local_epochs)
-        trainer.fit(self.module, datamodule=self.data)
-        batches = trainer.global_step  # optimizer steps of this fit; a fresh Trainer starts at 0
-        self.metrics_logger.advance(batches, self.local_epochs)
-        local_acc = float(trainer.callback_metrics.get("val_acc", -1.0))
+        steps, local_acc = self.fit(abort_signal)
         if local_acc > self.best_local_acc:
             self.best_local_acc = local_acc
             torch.save(self.module.net.state_dict(), self.app_dir / BEST_MODEL_FILE)
@@ -297,7 +315,7 @@ class LightningExecutor(Executor):
         self.log_info(
             fl_ctx,
             f"round {fl_round}: global model {GLOBAL_PREFIX}val_acc={global_metrics.get('global_val_acc', 0):.4f}; "
-            f"trained {self.local_epochs} epoch(s), {batches} steps in {time.monotonic() - started:.1f} s; "
+            f"trained {self.local_epochs} epoch(s), {steps} steps in {time.monotonic() - started:.1f} s; "
             f"local val_acc={local_acc:.4f}",
         )
 
@@ -312,10 +330,7 @@ class LightningExecutor(Executor):
     def _validate(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         model_owner = shareable.get_header(AppConstants.MODEL_OWNER, "?")
         self._load_weights(shareable, fl_ctx)
-        (results,) = self._trainer(abort_signal, logger=False).validate(
-            self.module, datamodule=self.data, verbose=False
-        )
-        metrics = {k: float(v) for k, v in results.items()}
+        metrics = self.evaluate(abort_signal, log_prefix=None)
         self.log_info(fl_ctx, f"validated model from {model_owner}: {metrics}")
         return DXO(data_kind=DataKind.METRICS, data=metrics).to_shareable()
 

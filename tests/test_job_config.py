@@ -11,6 +11,12 @@ from conftest import JOB, REPO
 from lightning_executor import GLOBAL_PREFIX
 
 CONFIGS = [JOB / "meta.json", JOB / "app/config/config_fed_server.json", JOB / "app/config/config_fed_client.json"]
+PT_JOB = REPO / "jobs" / "hello-pt-mlflow"
+ALL_CONFIGS = CONFIGS + [
+    PT_JOB / "meta.json",
+    PT_JOB / "app/config/config_fed_server.json",
+    PT_JOB / "app/config/config_fed_client.json",
+]
 
 
 def walk(node, path=""):
@@ -24,10 +30,10 @@ def walk(node, path=""):
 
 
 def class_paths():
-    for config in CONFIGS[1:]:
+    for config in ALL_CONFIGS:
         for where, key, value in walk(json.loads(config.read_text())):
             if key == "path" and isinstance(value, str):
-                yield f"{config.name}:{where}", value
+                yield f"{config.parent.parent.parent.name}/{config.name}:{where}", value
 
 
 @pytest.mark.parametrize("where,class_path", list(class_paths()))
@@ -38,7 +44,7 @@ def test_every_class_path_imports(where, class_path):
 
 def test_configs_parse_and_have_no_dotted_keys():
     # `nvflare job submit` turns "a.b" keys into nested objects (see the README).
-    for config in CONFIGS:
+    for config in ALL_CONFIGS:
         for where, key, _ in walk(json.loads(config.read_text())):
             assert "." not in key, f"{config.name}: dotted key {key!r} at {where or '/'}"
 
@@ -49,9 +55,10 @@ def test_key_metric_is_one_the_sites_report():
     assert server["key_metric"] == f"{GLOBAL_PREFIX}val_acc"
 
 
-def test_site_code_is_shipped_as_links_to_custom_not_copies():
+@pytest.mark.parametrize("job", ["hello-lightning-mlflow", "hello-pt-mlflow"])
+def test_site_code_is_shipped_as_links_to_custom_not_copies(job):
     custom = REPO / "custom"
-    shipped = JOB / "app" / "custom"
+    shipped = REPO / "jobs" / job / "app" / "custom"
     modules = sorted(p.name for p in custom.glob("*.py"))
     assert sorted(p.name for p in shipped.iterdir()) == modules
     for name in modules:

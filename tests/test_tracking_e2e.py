@@ -8,6 +8,7 @@ import mlflow.artifacts
 import mlflow.pytorch
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
 from conftest import ROUNDS, SITES, tracked_runs
 from mlflow_tracking import MAX_KEY_LENGTH, MAX_PARAM_VALUE_LENGTH, STATS_FILE
@@ -90,3 +91,32 @@ def test_nothing_lost_and_the_event_thread_never_waited(finished_run):
     assert stats["max_event_seconds"] < 0.1
     received = sum(c.get("metric", 0) for c in stats["received"].values())
     assert received > 0
+
+
+def test_plain_pytorch_job_lands_in_the_same_run_tree(offline_data, tmp_path):
+    from configure_job import configure_job
+    from conftest import REPO, run_simulator
+
+    job = configure_job(
+        REPO / "jobs" / "hello-pt-mlflow", tmp_path / "hello-pt-mlflow", {"client.data_root": str(offline_data)}
+    )
+    result = run_simulator(job, tmp_path / "workspace", sites=SITES)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    server = tmp_path / "workspace" / "server" / "simulate_job"
+    client = MlflowClient(f"sqlite:///{server / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("hello-pt-mlflow")
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("role") == "federation"]
+    children = {r.data.tags["site"]: r for r in runs if r.data.tags.get("role") == "site"}
+    assert sorted(children) == ["site-1", "site-2"] and parent.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(parent.info.run_id, "global_val_acc")) == [0, 1]
+    for site, run in children.items():
+        assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["trainer"] == "plain PyTorch loop"
+        assert {"lr", "optimizer", "batch_size", "local_epochs", "train_samples"} <= set(run.data.params)
+        local = client.get_metric_history(run.info.run_id, "local_accuracy")
+        assert len(local) == ROUNDS and len({m.step for m in local}) == ROUNDS
+        total = sum(len(client.get_metric_history(run.info.run_id, k)) for k in run.data.metrics)
+        assert f"{site}: sent {total} metric points" in log
+    assert client.search_model_versions("name='hello-pt-mlflow-global'")

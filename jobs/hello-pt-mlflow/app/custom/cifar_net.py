@@ -1,0 +1,1 @@
+../../../../custom/cifar_net.py

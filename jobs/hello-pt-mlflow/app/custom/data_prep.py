@@ -1,0 +1,1 @@
+../../../../custom/data_prep.py

@@ -1,0 +1,1 @@
+../../../../custom/flare_logger.py

@@ -1,0 +1,1 @@
+../../../../custom/lightning_executor.py

@@ -1,0 +1,1 @@
+../../../../custom/lit_cifar.py

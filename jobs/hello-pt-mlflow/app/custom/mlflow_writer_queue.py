@@ -1,0 +1,1 @@
+../../../../custom/mlflow_writer_queue.py

@@ -1,0 +1,1 @@
+../../../../custom/pt_executor.py
