@@ -1,6 +1,8 @@
 """Server-side MLflow tracking for a federated job: the only component that talks to MLflow.
 
-In place of FLARE's MLflowReceiver, FederatedMLflowTracker writes
+FederatedMLflowTracker subclasses FLARE's MLflowReceiver (same constructor arguments:
+tracking_uri, kw_args with experiment_name, run_name, experiment_tags, run_tags; events) and
+replaces its write path. It writes
   - one parent run per FL job (tags: job id, rounds, sites, library versions; params: the FL
     configuration) with the global metrics per round (step = round): the sample-weighted
     average of the sites' metrics on the global model they received, each site's value
@@ -32,7 +34,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
-from nvflare.app_common.widgets.streaming import AnalyticsReceiver
+from nvflare.app_opt.tracking.mlflow.mlflow_receiver import MLflowReceiver
 
 from mlflow_writer_queue import WriteQueue
 
@@ -83,17 +85,17 @@ def versions() -> dict:
     return out
 
 
-class FederatedMLflowTracker(AnalyticsReceiver):
+class FederatedMLflowTracker(MLflowReceiver):
     def __init__(
         self,
-        tracking_uri: str = "",
-        experiment_name: str = "hello-lightning-mlflow",
+        tracking_uri: str | None = None,
+        kw_args: dict | None = None,
+        events: list | None = None,
         registered_model_name: str = "",
         model_class_path: str = "cifar_net.CifarNet",
         fl_params: dict | None = None,
         promote_params: list | None = None,
         description: str = "",
-        events: list | None = None,
         max_memory_items: int = 200_000,
         retry_initial: float = 0.5,
         retry_max: float = 15.0,
@@ -103,25 +105,29 @@ class FederatedMLflowTracker(AnalyticsReceiver):
     ):
         """Args are set in config_fed_server.json.
 
-        tracking_uri: "" = sqlite mlflow.db in the server's job workspace; or sqlite:////abs.db,
-            http://host:port. Credentials come from MLFLOW_TRACKING_USERNAME/PASSWORD (or _TOKEN)
-            in the server's environment.
-        registered_model_name: Model Registry name for the best global model ("" = the experiment name).
+        tracking_uri: None or "" = sqlite mlflow.db in the server's job workspace; or
+            sqlite:////abs.db, http://host:port. Credentials come from MLFLOW_TRACKING_USERNAME/
+            PASSWORD (or _TOKEN) in the server's environment.
+        kw_args: as MLflowReceiver: experiment_name, run_name (the parent run; default: the job
+            name), experiment_tags, run_tags (on every run).
+        registered_model_name: Model Registry name for the best global model ("" = experiment name).
         fl_params: FL configuration logged as params of the parent run.
         promote_params: site params also logged once on the parent (e.g. local_epochs, split).
+        description: the experiment's description in the MLflow UI (set as mlflow.note.content
+            in code: a dotted key in the JSON would be mangled by `nvflare job submit`).
         final_flush_timeout: at job end, how long to keep retrying unwritten data.
         http_request_*: defaults for MLflow's own HTTP retries, applied only where the
             environment does not set MLFLOW_HTTP_REQUEST_MAX_RETRIES/TIMEOUT; our queue retries
             beyond that without holding anything else up.
         """
-        super().__init__(events=events or ["fed.analytix_log_stats"])
-        if not experiment_name:
-            raise TrackingConfigError("experiment_name must not be empty")
+        super().__init__(tracking_uri=tracking_uri or None, kw_args=kw_args, events=events)
+        self.experiment_name = self.kw_args.get("experiment_name") or "hello-lightning-mlflow"
         if tracking_uri:
             check_tracking_uri(tracking_uri)
-        self.tracking_uri = tracking_uri
-        self.experiment_name = experiment_name
-        self.registered_model_name = registered_model_name or experiment_name
+        for key in ("experiment_tags", "run_tags"):
+            if not isinstance(self.kw_args.get(key, {}), dict):
+                raise TrackingConfigError(f"kw_args.{key} must be an object of tag names to values")
+        self.registered_model_name = registered_model_name or self.experiment_name
         self.model_class_path = model_class_path
         self.fl_params = fl_params or {}
         self.promote_params = set(promote_params or [])
@@ -189,7 +195,7 @@ class FederatedMLflowTracker(AnalyticsReceiver):
         artifacts = None if uri.startswith("http") else (result_root / "mlflow_artifacts").resolve().as_uri()
         self.sites = sorted(c.name for c in fl_ctx.get_engine().get_clients())
         meta = fl_ctx.get_prop(ReservedKey.JOB_META) or {}
-        job_name = meta.get("name") or self.experiment_name
+        job_name = self.kw_args.get("run_name") or meta.get("name") or self.experiment_name
         self.queue = WriteQueue(
             uri,
             self.run_dir / "mlflow_spill.jsonl",
@@ -206,7 +212,8 @@ class FederatedMLflowTracker(AnalyticsReceiver):
             logger=self.logger,
             **self.queue_args,
         )
-        tags = {"job_id": job_id, "job_name": job_name, "sites": ",".join(self.sites), **versions()}
+        tags = {**self.kw_args.get("run_tags", {}), "job_id": job_id, "sites": ",".join(self.sites), **versions()}
+        tags["job_name"] = meta.get("name") or job_name
         self.queue.put(("call", "setup", [job_name, artifacts, tags]))
         for key, value in self.fl_params.items():
             self._put_param(PARENT, key, value)
@@ -217,7 +224,11 @@ class FederatedMLflowTracker(AnalyticsReceiver):
     def _setup_runs(self, client, job_name, artifacts, tags):
         """Writer thread: experiment, parent run and one child run per site (idempotent on retry)."""
         exp = client.get_experiment_by_name(self.experiment_name)
-        exp_id = exp.experiment_id if exp else client.create_experiment(self.experiment_name, artifacts)
+        if exp:
+            exp_id = exp.experiment_id
+        else:
+            exp_tags = {str(k): str(v) for k, v in self.kw_args.get("experiment_tags", {}).items()}
+            exp_id = client.create_experiment(self.experiment_name, artifacts, tags=exp_tags)
         if self.description:
             client.set_experiment_tag(exp_id, "mlflow.note.content", self.description)
         self.queue.experiment_id = exp_id
@@ -230,7 +241,7 @@ class FederatedMLflowTracker(AnalyticsReceiver):
     def _create_child(self, client, site):
         if site not in self.queue.run_ids:
             parent_id = self.queue.run_ids[PARENT]
-            tags = {"mlflow.parentRunId": parent_id, "site": site, "role": "site"}
+            tags = {**self.kw_args.get("run_tags", {}), "mlflow.parentRunId": parent_id, "site": site, "role": "site"}
             run = client.create_run(self.queue.experiment_id, run_name=site, tags=tags)
             self.queue.run_ids[site] = run.info.run_id
 
