@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up, prepare data and run the hello-lightning-mlflow job in the FLARE simulator.
+# Set up, prepare data and run a job (default hello-lightning-mlflow) in the FLARE simulator.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 
@@ -7,11 +7,12 @@ usage() {
   cat <<USAGE
 Usage: scripts/run_simulator.sh [options]
 
-Runs jobs/hello-lightning-mlflow in the FLARE simulator: creates the virtual environment
+Runs jobs/hello-lightning-mlflow (or --job NAME) in the FLARE simulator: creates the virtual environment
 if needed (scripts/setup.sh), prepares the data and the per-site split if needed
 (scripts/prepare_data.sh), runs the job, then prints the final global model's test
 accuracy, where the MLflow data is, and the mlflow ui command to view it.
 
+  --job NAME          job folder under jobs/ (default hello-lightning-mlflow; or hello-pt-mlflow)
   --offline           use the offline dataset (generated here) instead of downloading CIFAR-10
   --sites N           number of sites (default 2)
   --rounds R          FL rounds (default 2)
@@ -23,7 +24,7 @@ accuracy, where the MLflow data is, and the mlflow ui command to view it.
                       gets its own folder DIR/runs/<time>, and DIR/latest points to it
   --tracking-uri URI  MLflow tracking URI, e.g. sqlite:////abs/mlflow.db or http://127.0.0.1:5000
                       (default: mlflow.db inside the server's job workspace)
-  --experiment NAME   MLflow experiment name (default hello-lightning-mlflow)
+  --experiment NAME   MLflow experiment name (default: the job's, e.g. hello-lightning-mlflow)
   --threads T         sites the simulator runs at once (default: all of them)
   --gpu IDS           GPU ids for the simulator's -gpu option, e.g. 0
   --venv DIR          virtual environment (default $VENV)
@@ -32,10 +33,11 @@ The job's own folder is never edited: the run uses a configured copy.
 USAGE
 }
 
-offline=0 sites=2 rounds=2 epochs=1 alpha="" seed=0 data_root="" workspace=/tmp/nvflare/hello-lightning-mlflow
+job_name=hello-lightning-mlflow offline=0 sites=2 rounds=2 epochs=1 alpha="" seed=0 data_root="" workspace=/tmp/nvflare/hello-lightning-mlflow
 tracking_uri="" experiment="" threads="" gpu=""
 while [ $# -gt 0 ]; do
   case "$1" in
+    --job) need_value "$1" $#; job_name="$2"; shift 2 ;;
     --offline) offline=1; shift ;;
     --sites) need_value "$1" $#; sites="$2"; shift 2 ;;
     --rounds) need_value "$1" $#; rounds="$2"; shift 2 ;;
@@ -56,6 +58,7 @@ done
 for pair in "sites:$sites" "rounds:$rounds" "epochs:$epochs"; do
   [[ "${pair#*:}" =~ ^[1-9][0-9]*$ ]] || die "--${pair%%:*} must be a positive integer, got '${pair#*:}'"
 done
+[ -f "$REPO_ROOT/jobs/$job_name/meta.json" ] || die "no job folder jobs/$job_name (see ls jobs/)"
 threads="${threads:-$sites}"
 [[ "$threads" =~ ^[1-9][0-9]*$ ]] || die "--threads must be a positive integer, got '$threads'"
 if [ -z "$data_root" ]; then
@@ -94,14 +97,14 @@ fi
 run_dir="$workspace/runs/$(date +%Y%m%d-%H%M%S)"
 mkdir -p "$run_dir"
 ln -sfn "$run_dir" "$workspace/latest"
-job="$run_dir/job/hello-lightning-mlflow"
+job="$run_dir/job/$job_name"
 settings=(
   "server.num_rounds=$rounds" "server.min_clients=$sites" "meta.min_clients=$sites"
   "client.local_epochs=$epochs" "client.data_root=$data_root"
 )
 [ -n "$tracking_uri" ] && settings+=("server.tracking_uri=$tracking_uri")
 [ -n "$experiment" ] && settings+=("server.experiment_name=$experiment")
-python "$REPO_ROOT/scripts/configure_job.py" "$REPO_ROOT/jobs/hello-lightning-mlflow" "$job" "${settings[@]}" \
+python "$REPO_ROOT/scripts/configure_job.py" "$REPO_ROOT/jobs/$job_name" "$job" "${settings[@]}" \
   || die "could not configure the job"
 
 sim_ws="$run_dir/simulator"
@@ -121,10 +124,18 @@ rounds_done=$(grep -c "aggregating .* update(s) at round" "$run_dir/simulator.lo
 [ "$rounds_done" = "$rounds" ] || die "only $rounds_done of $rounds rounds were aggregated; see $run_dir/simulator.log"
 
 echo
-echo "done in $(( $(date +%s) - started )) s: $sites sites x $rounds rounds x $epochs epoch(s)"
+echo "done in $(( $(date +%s) - started )) s: $job_name, $sites sites x $rounds rounds x $epochs epoch(s)"
 echo "final global model test accuracy: $acc on $n_test held-out images"
 echo "global models:  $model"
 [ -f "$server_dir/app_server/best_FL_global_model.pt" ] && echo "                $server_dir/app_server/best_FL_global_model.pt"
+stats="$server_dir/mlflow_tracking_stats.json"
+[ -f "$stats" ] && python - "$stats" <<'PY'
+import json, sys
+s = json.load(open(sys.argv[1]))
+lost = sum(s["lost"].values())
+print(f"MLflow runs:     status {s['status']}; {sum(s['written'].values())} items written, {lost} lost"
+      + (f" (see {sys.argv[1]})" if lost else ""))
+PY
 if [ -z "$tracking_uri" ]; then
   echo "MLflow database: $server_dir/mlflow.db"
   echo "view it with:    mlflow ui --backend-store-uri sqlite:///$server_dir/mlflow.db"
