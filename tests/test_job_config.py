@@ -84,6 +84,8 @@ def test_configure_job_refuses_unknown_variables(tmp_path):
 def test_simulator_concurrency_is_read_from_the_simulator_command_line(tmp_path):
     import subprocess
     import sys
+    import time
+    from pathlib import Path
 
     from lightning_executor import simulator_concurrency
 
@@ -92,6 +94,8 @@ def test_simulator_concurrency_is_read_from_the_simulator_command_line(tmp_path)
         script = tmp_path / "simulator.py"  # stands in for the simulator process: only its argv is read
         script.write_text("import time; time.sleep(30)")
         proc = subprocess.Popen([sys.executable, str(script), *args])
+        while str(script).encode() not in Path(f"/proc/{proc.pid}/cmdline").read_bytes():
+            time.sleep(0.01)  # until exec has replaced the forked test process
         try:
             assert simulator_concurrency(["worker", "--parent_pid", str(proc.pid)]) == expected, args
         finally:
@@ -109,3 +113,21 @@ def test_seeded_initial_global_model_is_reproducible():
     assert all(torch.equal(a[k], b[k]) for k in a)
     server = json.loads(CONFIGS[1].read_text())
     assert server["components"][0]["args"]["model"]["args"]["init_seed"] == "{seed}"
+
+
+TEMPLATE = REPO / "job_templates" / "lightning_mlflow_fedavg"
+
+
+def test_job_template_has_the_files_nvflare_job_create_needs():
+    for name in ("info.conf", "info.md", "meta.conf", "config_fed_server.conf", "config_fed_client.conf"):
+        assert (TEMPLATE / name).is_file(), name
+
+
+@pytest.mark.parametrize("side", ["server", "client"])
+def test_job_template_configures_exactly_what_the_job_does(side):
+    # The template is the job's config with comments for `nvflare job create` users; this keeps them one.
+    from pyhocon import ConfigFactory
+
+    template = json.loads(json.dumps(ConfigFactory.parse_file(str(TEMPLATE / f"config_fed_{side}.conf"))))
+    job = json.loads((JOB / "app" / "config" / f"config_fed_{side}.json").read_text())
+    assert template == job

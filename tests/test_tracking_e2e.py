@@ -120,3 +120,28 @@ def test_plain_pytorch_job_lands_in_the_same_run_tree(offline_data, tmp_path):
         total = sum(len(client.get_metric_history(run.info.run_id, k)) for k in run.data.metrics)
         assert f"{site}: sent {total} metric points" in log
     assert client.search_model_versions("name='hello-pt-mlflow-global'")
+
+
+def test_job_created_from_the_template_runs_and_tracks(offline_data, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import REPO, run_simulator
+
+    job = tmp_path / "from-template"
+    nvflare = str(Path(sys.executable).parent / "nvflare")
+    cmd = [nvflare, "job", "create", "-j", str(job), "-w", str(REPO / "job_templates" / "lightning_mlflow_fedavg")]
+    cmd += ["-sd", str(REPO / "custom"), "-f", "config_fed_client.conf", f"data_root={offline_data}"]
+    cmd += ["-f", "config_fed_server.conf", "experiment_name=from-template"]
+    created = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert created.returncode == 0, created.stdout[-2000:] + created.stderr[-2000:]
+    result = run_simulator(job, tmp_path / "workspace", sites=SITES)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'workspace/server/simulate_job/mlflow.db'}")
+    experiment = client.get_experiment_by_name("from-template")
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("role") == "federation"]
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "from-template"
+    assert sorted(r.data.tags["site"] for r in runs if r.data.tags.get("role") == "site") == ["site-1", "site-2"]
+    assert sorted(m.step for m in client.get_metric_history(parent.info.run_id, "global_val_acc")) == [0, 1]
