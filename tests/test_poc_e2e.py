@@ -1,0 +1,129 @@
+"""POC mode end to end: real FL server and site processes, an MLflow server with basic auth.
+
+Asserts what the deployment promises: the runs, metrics and params arrive on the tracking
+server exactly as in the simulator; only the FL server's processes hold the credentials; an
+unauthenticated request is refused; nothing the scripts started is left running.
+"""
+
+import os
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO, tracked_runs
+from mlflow_server import free_port
+
+pytestmark = pytest.mark.slow
+CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+
+
+def script(name, *args, timeout=600):
+    result = subprocess.run(
+        ["bash", str(REPO / "scripts" / name), *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, f"{name} {args}: {result.stdout[-2000:]}{result.stderr[-2000:]}"
+    return result.stdout
+
+
+def processes_under(folder: Path) -> dict:
+    """pid -> (command line, environment) of live processes whose command line names folder."""
+    out = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if str(folder) + "/" in cmdline:
+                environ = (proc / "environ").read_bytes().split(b"\0")
+                out[int(proc.name)] = (cmdline, {e.split(b"=", 1)[0].decode() for e in environ if b"=" in e})
+        except OSError:
+            continue
+    return out
+
+
+def summary(client, parent, children):
+    def metrics(run):
+        return {k: len(client.get_metric_history(run.info.run_id, k)) for k in run.data.metrics}
+
+    return {
+        "parent": (metrics(parent), sorted(parent.data.params), parent.info.status),
+        **{site: (metrics(run), sorted(run.data.params), run.info.status) for site, run in children.items()},
+    }
+
+
+def test_poc_cycle_tracks_like_the_simulator_with_credentials_on_the_server_only(
+    offline_data, tmp_path, finished_run, monkeypatch
+):
+    server_dir, port = tmp_path / "mlflow-server", free_port()
+    uri = f"http://127.0.0.1:{port}"
+    workspace = tmp_path / "poc"
+    poc = ["--workspace", workspace, "--data-root", offline_data, "--tracking-uri", uri]
+    poc += ["--credentials", server_dir / "credentials"]
+    script("mlflow_server.sh", "--dir", server_dir, "--port", port, "start")
+    try:
+        assert oct((server_dir / "credentials").stat().st_mode & 0o777) == "0o600"
+        started = time.monotonic()
+        script("poc.sh", *poc, "prepare")
+        script("poc.sh", *poc, "start")
+        script("poc.sh", *poc, "submit")
+        # Watch every POC process while the job runs, the job's own processes included.
+        seen = {}
+        waiter = subprocess.Popen(
+            ["bash", str(REPO / "scripts/poc.sh"), *map(str, poc), "wait"],
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        while waiter.poll() is None:
+            seen.update(processes_under(workspace / "poc"))
+            time.sleep(0.5)
+        assert waiter.returncode == 0, waiter.stdout.read()
+        script("poc.sh", *poc, "download")
+        script("poc.sh", *poc, "stop")
+        print(f"POC cycle: {time.monotonic() - started:.0f} s")
+
+        assert processes_under(workspace / "poc") == {}  # nothing left running
+        server_side = [env for cmd, env in seen.values() if "server_train" in cmd or "/server/" in cmd]
+        site_side = [(cmd, env) for cmd, env in seen.values() if "client_train" in cmd or "/site-" in cmd]
+        assert server_side and len(site_side) >= 2
+        assert all("MLFLOW_TRACKING_PASSWORD" in env for env in server_side)
+        for cmd, env in site_side:
+            assert not env & set(CREDENTIAL_VARS), f"credentials in a site process: {cmd[:120]}"
+
+        # An unauthenticated request is refused.
+        request = urllib.request.Request(
+            f"{uri}/api/2.0/mlflow/experiments/search",
+            data=b"{}",
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 401
+
+        # With the credentials: the same runs, metrics and params as the simulator run.
+        for line in (server_dir / "credentials").read_text().splitlines():
+            key, _, value = line.partition("=")
+            monkeypatch.setenv(key, value)
+        client = MlflowClient(uri)
+        experiment = client.get_experiment_by_name("hello-lightning-mlflow")
+        runs = client.search_runs([experiment.experiment_id])
+        (parent,) = [r for r in runs if r.data.tags.get("role") == "federation"]
+        children = {r.data.tags["site"]: r for r in runs if r.data.tags.get("role") == "site"}
+        sim_client, (sim_parent,), sim_children = tracked_runs(finished_run[0])
+        assert summary(client, parent, children) == summary(sim_client, sim_parent, sim_children)
+        assert client.search_model_versions("name='hello-lightning-mlflow-global'")
+    finally:
+        subprocess.run(
+            ["bash", str(REPO / "scripts/poc.sh"), "--workspace", str(workspace), "stop"],
+            capture_output=True,
+            timeout=120,
+        )
+        script("mlflow_server.sh", "--dir", server_dir, "--port", port, "stop")
+        assert not os.path.exists(server_dir / "server.pid")
+        assert processes_under(server_dir) == {}
