@@ -131,3 +131,11 @@ def test_job_template_configures_exactly_what_the_job_does(side):
     template = json.loads(json.dumps(ConfigFactory.parse_file(str(TEMPLATE / f"config_fed_{side}.conf"))))
     job = json.loads((JOB / "app" / "config" / f"config_fed_{side}.json").read_text())
     assert template == job
+
+
+def test_installable_package_lists_every_site_module():
+    # The pre-installed deployment style (`pip install .` on each site) must ship all of custom/.
+    import tomllib
+
+    listed = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["py-modules"]
+    assert sorted(listed) == sorted(p.stem for p in (REPO / "custom").glob("*.py"))
