@@ -117,6 +117,7 @@ class LightningExecutor(Executor):
         momentum: float = 0.9,
         weight_decay: float = 0.0,
         log_every_n_steps: int = 10,
+        tracking: bool = True,
         accelerator: str = "auto",
         threads_per_site: int = 0,
         num_workers: int = 0,
@@ -129,6 +130,7 @@ class LightningExecutor(Executor):
 
         accelerator: "auto" (GPU when one is visible, else CPU), "cpu" or "gpu".
         threads_per_site: torch threads; 0 = usable cores / sites sharing this host.
+        tracking: stream metrics and params to the server (false: train without a logger).
         """
         super().__init__()
         for name, value in (("local_epochs", local_epochs), ("batch_size", batch_size)):
@@ -143,6 +145,7 @@ class LightningExecutor(Executor):
         self.hparams = dict(lr=lr, optimizer=optimizer, momentum=momentum, weight_decay=weight_decay)
         self.batch_size = batch_size
         self.log_every_n_steps = log_every_n_steps
+        self.tracking = tracking
         self.accelerator = accelerator
         self.threads_per_site = threads_per_site
         self.num_workers = num_workers
@@ -226,7 +229,7 @@ class LightningExecutor(Executor):
             max_epochs=max_epochs,
             accelerator=self.accelerator,
             devices=1,
-            logger=self.metrics_logger if logger else False,
+            logger=self.metrics_logger if (logger and self.tracking) else False,
             callbacks=[AbortOnSignal(abort_signal)],
             log_every_n_steps=self.log_every_n_steps,
             num_sanity_val_steps=0,
@@ -273,7 +276,8 @@ class LightningExecutor(Executor):
     def start_round(self, fl_round) -> None:
         """Before the round's work: the round for the logger, params once."""
         self.metrics_logger.round = fl_round
-        self.metrics_logger.log_hyperparams(self.site_params)
+        if self.tracking:
+            self.metrics_logger.log_hyperparams(self.site_params)
 
     def evaluate(self, abort_signal: Signal, log_prefix: str | None) -> dict:
         """The current model on the site's validation data; logged under log_prefix unless None."""
@@ -296,6 +300,8 @@ class LightningExecutor(Executor):
 
     def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         fl_round = shareable.get_header(AppConstants.CURRENT_ROUND)
+        task_started = time.monotonic()
+        self.log_info(fl_ctx, f"round {fl_round}: training starts")
         self._load_weights(shareable, fl_ctx)
         global_weights = self._weights()
         self.start_round(fl_round)
@@ -325,6 +331,7 @@ class LightningExecutor(Executor):
         dxo.set_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND, samples)
         dxo.set_meta_prop(MetaKey.INITIAL_METRICS, global_metrics)
         dxo.set_meta_prop(VAL_SAMPLES_META, len(self.data.val_set))  # weights the server's global average
+        self.log_info(fl_ctx, f"round {fl_round}: train task took {time.monotonic() - task_started:.2f} s")
         return dxo.to_shareable()
 
     def _validate(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
