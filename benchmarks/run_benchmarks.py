@@ -376,7 +376,6 @@ def main(argv=None) -> int:
     n = 20_000 if a.quick else 100_000
     results["write_path"] = {
         "sqlite": write_path(f"sqlite:///{work / 'write-path.db'}", 4, n // 4),
-        "flare_mlflow_receiver_sqlite": nvflare_receiver_write_path(f"sqlite:///{work / 'flare-path.db'}", 4, n // 4),
     }
     server = start_mlflow_server(work / "mlflow-server")
     try:
@@ -478,11 +477,6 @@ def table(r):
             "write path into SQLite",
             f"{wp['sqlite']['points_per_s']:.0f} points/s",
             f"lost {wp['sqlite']['lost']}  [target >= 20000]",
-        ),
-        (
-            "FLARE MLflowReceiver into SQLite (same stream)",
-            f"{wp['flare_mlflow_receiver_sqlite']['points_per_s']:.0f} points/s",
-            "",
         ),
         (
             "write path into a local mlflow server",

@@ -32,7 +32,7 @@ from nvflare.apis.utils.analytix_utils import create_analytic_dxo, send_analytic
 from nvflare.app_common.app_constant import AppConstants
 
 from cifar_data import SPLITS_DIR, SiteDataError, SiteDataModule
-from flare_logger import METRICS, FlareLogger
+from flare_logger import METRICS_BATCH, PARAMS, FlareLogger
 from lit_cifar import OPTIMIZERS, LitCifarNet
 
 STATE_FILE = "site_state.json"  # survives a simulator worker that is restarted between tasks
@@ -118,6 +118,7 @@ class LightningExecutor(Executor):
         weight_decay: float = 0.0,
         log_every_n_steps: int = 10,
         tracking: bool = True,
+        metrics_flush_seconds: float = 1.0,
         accelerator: str = "auto",
         threads_per_site: int = 0,
         num_workers: int = 0,
@@ -131,6 +132,9 @@ class LightningExecutor(Executor):
         accelerator: "auto" (GPU when one is visible, else CPU), "cpu" or "gpu".
         threads_per_site: torch threads; 0 = usable cores / sites sharing this host.
         tracking: stream metrics and params to the server (false: train without a logger).
+        metrics_flush_seconds: send a site's metric records as one FLARE event at most this often
+            (FederatedMLflowTracker unpacks them); 0 = one event per log call, which FLARE's stock
+            MLflowReceiver also understands.
         """
         super().__init__()
         for name, value in (("local_epochs", local_epochs), ("batch_size", batch_size)):
@@ -146,6 +150,7 @@ class LightningExecutor(Executor):
         self.batch_size = batch_size
         self.log_every_n_steps = log_every_n_steps
         self.tracking = tracking
+        self.metrics_flush_seconds = metrics_flush_seconds
         self.accelerator = accelerator
         self.threads_per_site = threads_per_site
         self.num_workers = num_workers
@@ -184,7 +189,9 @@ class LightningExecutor(Executor):
         self.data = SiteDataModule(self.data_root, self.site, self.batch_size, self.num_workers)
         self.data.load()  # fail now, with one clear line, rather than mid-round
         self.module = LitCifarNet(**self.hparams)
-        self.metrics_logger = FlareLogger(self._send_analytics, site=self.site)
+        self.metrics_logger = FlareLogger(
+            self._send_analytics, site=self.site, flush_seconds=self.metrics_flush_seconds
+        )
         state = self.app_dir / STATE_FILE
         if state.is_file():
             saved = json.loads(state.read_text())
@@ -216,11 +223,14 @@ class LightningExecutor(Executor):
         )
         (self.app_dir / STATE_FILE).write_text(json.dumps(state))
 
-    def _send_analytics(self, kind: str, values: dict, step, fl_round):
-        data_type = AnalyticsDataType.METRICS if kind == METRICS else AnalyticsDataType.PARAMETERS
+    def _send_analytics(self, kind: str, values, step, fl_round):
         kwargs = {"global_step": step} if step is not None else {}
         if fl_round is not None:
             kwargs["round"] = fl_round
+        if kind == METRICS_BATCH:  # the records ride in kwargs; value is the last one, for plain receivers
+            kwargs["records"] = values
+            values = values[-1][2]
+        data_type = AnalyticsDataType.PARAMETERS if kind == PARAMS else AnalyticsDataType.METRICS
         dxo = create_analytic_dxo(tag=kind, value=values, data_type=data_type, writer=LogWriterName.MLFLOW, **kwargs)
         send_analytic_dxo(self, dxo=dxo, fl_ctx=self._fl_ctx, event_type=ANALYTIC_EVENT_TYPE)
 

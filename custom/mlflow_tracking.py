@@ -256,17 +256,18 @@ class FederatedMLflowTracker(MLflowReceiver):
             self.queue.put(("call", "child", [site]))
         kind = data.data_type
         if kind in (AnalyticsDataType.METRICS, AnalyticsDataType.METRIC, AnalyticsDataType.SCALAR):
-            values = data.value if isinstance(data.value, dict) else {data.tag: data.value}
             now = int(time.time() * 1000)
-            for key, value in values.items():
-                if self._reject(fl_ctx, site, "metric", key):
+            records = (data.kwargs or {}).get("records")  # FlareLogger's batch: [[step, round, values], ...]
+            if not isinstance(records, list):
+                values = data.value if isinstance(data.value, dict) else {data.tag: data.value}
+                records = [[data.step, None, values]]
+            for record in records:
+                if not (isinstance(record, (list, tuple)) and len(record) == 3 and isinstance(record[2], dict)):
+                    self._reject(fl_ctx, site, "metric record", None)
                     continue
-                step = data.step
-                if step is None:  # no step given: count up per key rather than collapse on 0
-                    step = self._auto_step[(site, key)]
-                    self._auto_step[(site, key)] += 1
-                self.received[site]["metric"] += 1
-                self.queue.put(("metric", site, key, float(value), now, int(step)))
+                step, _, values = record
+                for key, value in values.items():
+                    self._put_metric(fl_ctx, site, key, value, step, now)
         elif kind in (AnalyticsDataType.PARAMETERS, AnalyticsDataType.PARAMETER):
             values = data.value if isinstance(data.value, dict) else {data.tag: data.value}
             for key, value in values.items():
@@ -287,8 +288,20 @@ class FederatedMLflowTracker(MLflowReceiver):
         else:
             self.rejected[f"{site}: unsupported {kind}"] += 1
 
+    def _put_metric(self, fl_ctx, site, key, value, step, now):
+        if self._reject(fl_ctx, site, "metric", key):
+            return
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            self._reject(fl_ctx, site, "metric value", key)
+            return
+        if step is None:  # no step given: count up per key rather than collapse on 0
+            step = self._auto_step[(site, key)]
+            self._auto_step[(site, key)] += 1
+        self.received[site]["metric"] += 1
+        self.queue.put(("metric", site, key, float(value), now, int(step)))
+
     def _reject(self, fl_ctx, site, kind, key) -> bool:
-        reason = check_key(key)
+        reason = check_key(key) if kind in ("metric", "param", "tag") else "malformed"
         if reason:
             self.rejected[f"{site}: {kind} name {str(key)[:60]!r} {reason}"] += 1
             if self.rejected[f"{site}: {kind} name {str(key)[:60]!r} {reason}"] == 1:

@@ -9,6 +9,7 @@ write path can be tested and benchmarked on its own.
 """
 
 import collections
+import itertools
 import json
 import logging
 import threading
@@ -19,6 +20,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 MAX_METRICS, MAX_PARAMS, MAX_TAGS = 1000, 100, 100  # MLflow's log_batch limits
+SCAN = 20_000  # how far ahead one request gathers its run's items
 
 # Queue items: ("metric", run_key, key, value, timestamp_ms, step), ("param", run_key, key, value),
 # ("tag", run_key, key, value), ("call", name, args): a named action run by the owner's handler
@@ -56,6 +58,7 @@ class WriteQueue:
         self._cond = threading.Condition()
         self._closing = False
         self._abandon = False
+        self._taken: list = []
         self.stats = collections.Counter()  # queued/written per kind, failures, retries
         self.last_error = None
         self._thread = threading.Thread(target=self._run, name="mlflow-writer", daemon=True)
@@ -106,7 +109,11 @@ class WriteQueue:
             self._spill_read_pos = 0
 
     def _take(self) -> list:
-        """The next request's worth of items: one action, or points for one run within the limits."""
+        """The next request's worth of items: one action, or points for one run within the limits.
+
+        Sites' records interleave in the queue, so points for the head item's run are gathered
+        from up to SCAN items ahead (never past an action, which must keep its place).
+        """
         with self._cond:
             while not self._memory and not self._spilled:
                 if self._closing:
@@ -116,21 +123,29 @@ class WriteQueue:
                 self._refill_from_spill()
             first = self._memory[0]
             if first[0] == "call":
+                self._taken = [0]
                 return [first]
-            run_key, taken, counts = first[1], [], collections.Counter()
+            run_key, counts = first[1], collections.Counter()
             limits = {"metric": MAX_METRICS, "param": MAX_PARAMS, "tag": MAX_TAGS}
-            for item in self._memory:
-                if item[0] == "call" or item[1] != run_key or counts[item[0]] >= limits[item[0]]:
+            taken = []
+            for i, item in enumerate(itertools.islice(self._memory, SCAN)):
+                if item[0] == "call":
                     break
-                counts[item[0]] += 1
-                taken.append(item)
-            return taken
+                if item[1] == run_key and counts[item[0]] < limits[item[0]]:
+                    counts[item[0]] += 1
+                    taken.append(i)
+            self._taken = taken
+            return [self._memory[i] for i in taken]
 
     def _done(self, n: int) -> None:
+        """Remove the items the last _take returned (positions in the first SCAN items)."""
         with self._cond:
-            for _ in range(n):
-                item = self._memory.popleft()
-                self.stats[f"written_{item[0]}"] += 1
+            taken = set(self._taken)
+            head = [self._memory.popleft() for _ in range(min(len(self._memory), max(taken) + 1))]
+            keep = [item for i, item in enumerate(head) if i not in taken]
+            for i in taken:
+                self.stats[f"written_{head[i][0]}"] += 1
+            self._memory.extendleft(reversed(keep))
             self._cond.notify_all()
 
     def _write(self, items: list) -> None:

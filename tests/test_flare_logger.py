@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 from nvflare.apis.signal import Signal
 
 from cifar_data import SiteDataModule
-from flare_logger import MAX_PARAMS_PER_RECORD, METRICS, PARAMS, FlareLogger
+from flare_logger import MAX_PARAMS_PER_RECORD, METRICS, METRICS_BATCH, PARAMS, FlareLogger
 from lightning_executor import AbortOnSignal, TaskAborted
 from lit_cifar import LitCifarNet
 
@@ -23,7 +23,7 @@ class Recorder:
         self.records = []
 
     def __call__(self, kind, values, step, fl_round):
-        self.records.append((kind, dict(values), step, fl_round))
+        self.records.append((kind, values if isinstance(values, list) else dict(values), step, fl_round))
 
     def steps(self):
         out = {}
@@ -127,3 +127,15 @@ def test_abort_signal_stops_a_running_trainer_within_seconds(offline_data):
     with pytest.raises(TaskAborted):
         trainer.fit(LitCifarNet(), datamodule=data)
     assert time.monotonic() - started < 6
+
+
+def test_batched_records_go_out_once_a_second_and_at_every_stage_end():
+    rec = Recorder()
+    log = FlareLogger(rec, flush_seconds=3600)  # only stage ends flush here
+    for s in range(5):
+        log.log_metrics({"train_loss_step": 1.0}, step=s)
+    assert rec.records == []
+    log.finalize("success")  # Lightning calls this at the end of fit / validate / test
+    ((kind, records, step, _),) = rec.records
+    assert kind == METRICS_BATCH and step == 4
+    assert [r[0] for r in records] == [0, 1, 2, 3, 4] and log.points_sent == 5
