@@ -13,7 +13,6 @@ Layout under a data root:
 """
 
 import json
-import os
 import pickle
 from pathlib import Path
 
@@ -160,7 +159,3 @@ class SiteDataModule(pl.LightningDataModule):
 
     def test_dataloader(self):
         return self._loader(self.test_set, shuffle=False)
-
-
-def default_data_root() -> str:
-    return os.environ.get("FL_DATA_ROOT", "/tmp/nvflare/data/cifar10")

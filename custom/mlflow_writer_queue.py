@@ -137,7 +137,7 @@ class WriteQueue:
             self._taken = taken
             return [self._memory[i] for i in taken]
 
-    def _done(self, n: int) -> None:
+    def _done(self) -> None:
         """Remove the items the last _take returned (positions in the first SCAN items)."""
         with self._cond:
             taken = set(self._taken)
@@ -185,7 +185,7 @@ class WriteQueue:
                 self.log.info("MLflow writes succeed again")
                 self.last_error = None
             delay = self.retry_initial
-            self._done(len(items))
+            self._done()
 
     def close(self, timeout: float) -> collections.Counter:
         """Write what is queued, waiting up to timeout seconds; returns what could not be written."""
