@@ -144,6 +144,7 @@ class FederatedMLflowTracker(MLflowReceiver):
         self.rejected = collections.Counter()
         self.max_event_seconds = 0.0
         self.slowest_event = None
+        self._models_logged: set = set()
         self._auto_step = collections.Counter()
         self._promoted: set = set()
         self._round_metrics = collections.defaultdict(dict)  # round -> site -> (metrics, weight)
@@ -303,9 +304,10 @@ class FederatedMLflowTracker(MLflowReceiver):
     def _reject(self, fl_ctx, site, kind, key) -> bool:
         reason = check_key(key) if kind in ("metric", "param", "tag") else "malformed"
         if reason:
-            self.rejected[f"{site}: {kind} name {str(key)[:60]!r} {reason}"] += 1
-            if self.rejected[f"{site}: {kind} name {str(key)[:60]!r} {reason}"] == 1:
-                self.log_warning(fl_ctx, f"rejected {kind} from {site}: name {str(key)[:60]!r} {reason}")
+            what = f"{site}: {kind} name {str(key)[:60]!r} {reason}"
+            self.rejected[what] += 1
+            if self.rejected[what] == 1:  # log each kind of rejection once; the count goes to the stats file
+                self.log_warning(fl_ctx, f"rejected {what}")
         return reason is not None
 
     def _put_param(self, run_key, key, value):
@@ -420,8 +422,7 @@ class FederatedMLflowTracker(MLflowReceiver):
         mlflow.set_tracking_uri(self.queue.tracking_uri)
         example = np.zeros((1, 3, 32, 32), dtype=np.float32)
         parent_id = self.queue.run_ids[PARENT]
-        logged = getattr(self, "_models_logged", set())
-        self._models_logged = logged
+        logged = self._models_logged  # a retried call skips what an earlier attempt logged
         with mlflow.start_run(run_id=parent_id):
             for name, path in (("final_global_model", final_path), ("best_global_model", best_path)):
                 if name in logged or not Path(path).is_file():
