@@ -107,6 +107,11 @@ def split_params(data_root) -> dict:
 
 
 class LightningExecutor(Executor):
+    # What the train task reports for the received global model (DXO meta INITIAL_METRICS):
+    # the names a server-side model selector's key_metric may use (scripts/check_job.py checks).
+    reported_metrics = (f"{GLOBAL_PREFIX}val_acc", f"{GLOBAL_PREFIX}val_loss")
+    MAX_LR = 10.0
+
     def __init__(
         self,
         data_root: str = "/tmp/nvflare/data/cifar10",
@@ -137,9 +142,22 @@ class LightningExecutor(Executor):
             MLflowReceiver also understands.
         """
         super().__init__()
-        for name, value in (("local_epochs", local_epochs), ("batch_size", batch_size)):
-            if not isinstance(value, int) or value < 1:
+        for name, value in (
+            ("local_epochs", local_epochs),
+            ("batch_size", batch_size),
+            ("log_every_n_steps", log_every_n_steps),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"LightningExecutor: {name} must be an integer >= 1, got {value!r}")
+        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not 0 < lr <= self.MAX_LR:
+            raise ValueError(f"LightningExecutor: lr must be a number in (0, {self.MAX_LR}], got {lr!r}")
+        for name, value in (("threads_per_site", threads_per_site), ("num_workers", num_workers)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"LightningExecutor: {name} must be an integer >= 0, got {value!r}")
+        if not isinstance(metrics_flush_seconds, (int, float)) or metrics_flush_seconds < 0:
+            raise ValueError(f"LightningExecutor: metrics_flush_seconds must be >= 0, got {metrics_flush_seconds!r}")
+        if not isinstance(data_root, str) or not data_root:
+            raise ValueError(f"LightningExecutor: data_root must be a folder path, got {data_root!r}")
         if accelerator not in ("auto", "cpu", "gpu", "cuda", "mps"):
             raise ValueError(f"LightningExecutor: accelerator must be auto, cpu or gpu, got {accelerator!r}")
         if optimizer not in OPTIMIZERS:

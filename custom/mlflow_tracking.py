@@ -16,6 +16,7 @@ and failed writes are retried until the job ends; whatever is still unwritten th
 counted, logged and recorded in mlflow_tracking_stats.json in the job's workspace.
 """
 
+import base64
 import collections
 import importlib
 import json
@@ -23,6 +24,8 @@ import os
 import re
 import sys
 import time
+import urllib.error
+import urllib.request
 from importlib import metadata
 from pathlib import Path
 
@@ -44,6 +47,7 @@ VAL_SAMPLES_META = "val_samples"  # DXO meta: how many samples a site's metrics 
 MAX_KEY_LENGTH = 250  # MLflow's limit for metric/param/tag names
 MAX_PARAM_VALUE_LENGTH = 6000
 MAX_TAG_VALUE_LENGTH = 8000
+MAX_ITEMS_PER_EVENT = 20_000  # a site's batch holds about a second of metrics: far fewer
 KEY_PATTERN = re.compile(r"^[\w\-. /:]+$")  # what MLflow accepts in a name
 SUPPORTED_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
 
@@ -62,6 +66,34 @@ def check_tracking_uri(uri: str) -> str:
     if scheme not in SUPPORTED_SCHEMES:
         raise TrackingConfigError(f"tracking_uri {uri!r}: unsupported scheme {scheme!r}, expected {SUPPORTED_SCHEMES}")
     return uri
+
+
+def probe_tracking_server(uri: str, timeout: float = 3.0) -> tuple:
+    """One quick authenticated request to an MLflow server: ("ok"|"refused"|"unreachable", detail).
+
+    Uses the credentials MLflow itself would (MLFLOW_TRACKING_TOKEN, else MLFLOW_TRACKING_USERNAME
+    and _PASSWORD from the environment); never puts them in the detail.
+    """
+    headers = {"Content-Type": "application/json"}
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    elif user and password:
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+    request = urllib.request.Request(
+        uri.rstrip("/") + "/api/2.0/mlflow/experiments/search", data=b'{"max_results": 1}', headers=headers
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout):
+            return "ok", ""
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            given = "no credentials were set" if "Authorization" not in headers else "the credentials were refused"
+            return "refused", f"HTTP {e.code} {e.reason}: {given}"
+        return "ok", f"HTTP {e.code} {e.reason}"  # a server-side problem: the write queue retries
+    except (OSError, ValueError) as e:
+        return "unreachable", f"{type(e).__name__}: {getattr(e, 'reason', e)}"
 
 
 def check_key(key) -> str | None:
@@ -142,7 +174,9 @@ class FederatedMLflowTracker(MLflowReceiver):
         self.sites: list = []
         self.received = collections.defaultdict(collections.Counter)  # site -> kind -> count
         self.rejected = collections.Counter()
+        self.truncated = collections.Counter()
         self.max_event_seconds = 0.0
+        self.probe_seconds = 0.0  # the one request at START_RUN that checks the server and credentials
         self.slowest_event = None
         self._models_logged: set = set()
         self._auto_step = collections.Counter()
@@ -159,6 +193,8 @@ class FederatedMLflowTracker(MLflowReceiver):
 
     # ----- event dispatch, timed: nothing here may wait on MLflow ---------------------------
     def handle_event(self, event_type: str, fl_ctx: FLContext):
+        if event_type == EventType.START_RUN and not self._tracking_server_accepts(fl_ctx):
+            return  # not initialized: nothing is tracked, and the job is being stopped
         started = time.perf_counter()
         if self._initialized and not self._end:
             self._handle_fl_event(event_type, fl_ctx)
@@ -183,6 +219,31 @@ class FederatedMLflowTracker(MLflowReceiver):
             self._failure = str(fl_ctx.get_prop(FLContextKey.EVENT_DATA, "fatal system error"))
 
     # ----- start ----------------------------------------------------------------------------
+    def _tracking_server_accepts(self, fl_ctx: FLContext) -> bool:
+        """Before the job trains: refused credentials stop it (retrying cannot help); an
+        unreachable server does not (the write queue keeps the data and retries)."""
+        uri = self.tracking_uri or ""
+        if not uri.startswith(("http://", "https://")):
+            return True
+        started = time.perf_counter()
+        verdict, detail = probe_tracking_server(uri)
+        self.probe_seconds = time.perf_counter() - started
+        if verdict == "refused":
+            reason = (
+                f"MLflow tracking server {uri} refused the FL server ({detail}); set MLFLOW_TRACKING_USERNAME "
+                "and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the FL server's environment. "
+                "Stopping the job before training: nothing could be tracked"
+            )
+            self.log_error(fl_ctx, reason)
+            self.system_panic(reason, fl_ctx)
+            return False
+        if verdict == "unreachable":
+            self.log_warning(
+                fl_ctx,
+                f"MLflow tracking server {uri} unreachable ({detail}); training goes on, data is kept and retried",
+            )
+        return True
+
     def initialize(self, fl_ctx: FLContext):
         for name, value in self.http_defaults.items():
             os.environ.setdefault(name, value)
@@ -248,10 +309,14 @@ class FederatedMLflowTracker(MLflowReceiver):
 
     # ----- streamed site data -----------------------------------------------------------------
     def save(self, fl_ctx: FLContext, shareable: Shareable, record_origin: str):
-        data = AnalyticsData.from_dxo(from_shareable(shareable), receiver=LogWriterName.MLFLOW)
+        site = record_origin
+        try:
+            data = AnalyticsData.from_dxo(from_shareable(shareable), receiver=LogWriterName.MLFLOW)
+        except (TypeError, ValueError, KeyError) as e:  # FLARE's own checks of what a site sent
+            self._reject(fl_ctx, site, "event", None, f"is malformed ({type(e).__name__}: {str(e)[:200]})")
+            return
         if data is None:
             return
-        site = record_origin
         if site not in self.sites:
             self.sites.append(site)
             self.queue.put(("call", "child", [site]))
@@ -262,11 +327,19 @@ class FederatedMLflowTracker(MLflowReceiver):
             if not isinstance(records, list):
                 values = data.value if isinstance(data.value, dict) else {data.tag: data.value}
                 records = [[data.step, None, values]]
+            budget = MAX_ITEMS_PER_EVENT
             for record in records:
                 if not (isinstance(record, (list, tuple)) and len(record) == 3 and isinstance(record[2], dict)):
-                    self._reject(fl_ctx, site, "metric record", None)
+                    self._reject(fl_ctx, site, "metric record", None, "is not [step, round, {name: value}]")
                     continue
                 step, _, values = record
+                if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
+                    self._reject(fl_ctx, site, "metric record", None, f"has step {str(step)[:20]!r}, not an int >= 0")
+                    continue
+                if len(values) > budget:
+                    self._reject(fl_ctx, site, "metric record", None, f"exceeds {MAX_ITEMS_PER_EVENT} values per event")
+                    break
+                budget -= len(values)
                 for key, value in values.items():
                     self._put_metric(fl_ctx, site, key, value, step, now)
         elif kind in (AnalyticsDataType.PARAMETERS, AnalyticsDataType.PARAMETER):
@@ -274,6 +347,7 @@ class FederatedMLflowTracker(MLflowReceiver):
             for key, value in values.items():
                 if not self._reject(fl_ctx, site, "param", key):
                     self.received[site]["param"] += 1
+                    value = self._bounded(fl_ctx, site, "param", key, value, MAX_PARAM_VALUE_LENGTH)
                     self._put_param(site, key, value)
                     if key in self.promote_params and key not in self._promoted:
                         self._promoted.add(key)
@@ -283,7 +357,8 @@ class FederatedMLflowTracker(MLflowReceiver):
             for key, value in values.items():
                 if not self._reject(fl_ctx, site, "tag", key):
                     self.received[site]["tag"] += 1
-                    self.queue.put(("tag", site, key, str(value)[:MAX_TAG_VALUE_LENGTH]))
+                    value = self._bounded(fl_ctx, site, "tag", key, value, MAX_TAG_VALUE_LENGTH)
+                    self.queue.put(("tag", site, key, value))
         elif kind == AnalyticsDataType.TEXT and data.path:
             self.queue.put(("call", "log_text", [site, str(data.value), str(data.path)]))
         else:
@@ -293,7 +368,7 @@ class FederatedMLflowTracker(MLflowReceiver):
         if self._reject(fl_ctx, site, "metric", key):
             return
         if not isinstance(value, (int, float)) or isinstance(value, bool):
-            self._reject(fl_ctx, site, "metric value", key)
+            self._reject(fl_ctx, site, "metric", key, f"has a {type(value).__name__} value, not a number")
             return
         if step is None:  # no step given: count up per key rather than collapse on 0
             step = self._auto_step[(site, key)]
@@ -301,14 +376,27 @@ class FederatedMLflowTracker(MLflowReceiver):
         self.received[site]["metric"] += 1
         self.queue.put(("metric", site, key, float(value), now, int(step)))
 
-    def _reject(self, fl_ctx, site, kind, key) -> bool:
-        reason = check_key(key) if kind in ("metric", "param", "tag") else "malformed"
+    def _reject(self, fl_ctx, site, kind, key, reason=None) -> bool:
+        """Refuse what MLflow would refuse (or a malformed record) with a logged reason; True if refused."""
+        reason = reason or (check_key(key) if kind in ("metric", "param", "tag") else None)
         if reason:
-            what = f"{site}: {kind} name {str(key)[:60]!r} {reason}"
+            named = f" name {str(key)[:60]!r}" if key is not None else ""
+            what = f"{site}: {kind}{named} {reason}"
             self.rejected[what] += 1
             if self.rejected[what] == 1:  # log each kind of rejection once; the count goes to the stats file
                 self.log_warning(fl_ctx, f"rejected {what}")
         return reason is not None
+
+    def _bounded(self, fl_ctx, site, kind, key, value, limit) -> str:
+        """The value as text, cut to MLflow's limit; the cut is logged once per name and counted."""
+        text = str(value)
+        if len(text) > limit:
+            what = f"{site}: {kind} {key!r} value of {len(text)} characters cut to {limit} (MLflow's limit)"
+            self.truncated[what] += 1
+            if self.truncated[what] == 1:
+                self.log_warning(fl_ctx, what)
+            text = text[:limit]
+        return text
 
     def _put_param(self, run_key, key, value):
         self.queue.put(("param", run_key, key, str(value)[:MAX_PARAM_VALUE_LENGTH]))
@@ -454,9 +542,11 @@ class FederatedMLflowTracker(MLflowReceiver):
             "written": {k: v for k, v in self.queue.stats.items() if k.startswith("written_")},
             "lost": dict(lost),
             "rejected": dict(self.rejected),
+            "truncated": dict(self.truncated),
             "write_failures": self.queue.stats["failures"],
             "spilled": self.queue.stats["spilled"],
             "max_event_seconds": round(self.max_event_seconds, 6),
+            "probe_seconds": round(self.probe_seconds, 6),
             "slowest_event": self.slowest_event,
             "run_ids": dict(self.queue.run_ids),
         }

@@ -6,7 +6,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "jobs" / "hello-lightning-mlflow"
-for folder in ("custom", "scripts"):
+for folder in ("custom", "scripts", "tests/site_code"):
     sys.path.insert(0, str(REPO / folder))
 
 import data_prep  # noqa: E402

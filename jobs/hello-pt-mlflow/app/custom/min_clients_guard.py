@@ -1,0 +1,1 @@
+../../../../custom/min_clients_guard.py
