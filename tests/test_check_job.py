@@ -1,0 +1,181 @@
+"""scripts/check_job.py: bad configuration and bad data, refused offline with one clear line each."""
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from check_job import check_job
+from cifar_data import batches_dir, split_path
+from configure_job import configure_job
+from conftest import JOB, REPO
+
+SERVER = "app/config/config_fed_server.json"
+CLIENT = "app/config/config_fed_client.json"
+
+
+def job_copy(tmp_path, offline_data, **settings):
+    settings = {"client.data_root": str(offline_data), **settings}
+    return configure_job(JOB, tmp_path / "job", settings)
+
+
+def edit(job, rel, change):
+    path = job / rel
+    config = json.loads(path.read_text())
+    change(config)
+    path.write_text(json.dumps(config, indent=2))
+
+
+def executor_args(config):
+    return config["executors"][0]["executor"]["args"]
+
+
+def component(config, cid):
+    return next(c for c in config["components"] + config.get("workflows", []) if c["id"] == cid)
+
+
+def one_problem(job, sites=2, data_root=None) -> str:
+    problems, _ = check_job(job, sites, data_root)
+    assert len(problems) == 1, problems
+    assert "\n" not in problems[0]
+    return problems[0]
+
+
+def test_the_shipped_jobs_pass(offline_data):
+    for job in ("hello-lightning-mlflow", "hello-pt-mlflow"):
+        problems, summary = check_job(REPO / "jobs" / job, 2, str(offline_data))
+        assert problems == [] and "data for 2 site(s)" in summary
+
+
+def test_json_that_does_not_parse(tmp_path, offline_data):
+    job = job_copy(tmp_path, offline_data)
+    (job / CLIENT).write_text('{\n  "local_epochs": 1,,\n}\n')
+    assert one_problem(job) == f"{job / CLIENT}:2:21: invalid JSON: Expecting property name enclosed in double quotes"
+
+
+def test_a_class_path_that_does_not_import(tmp_path, offline_data):
+    job = job_copy(tmp_path, offline_data)
+    edit(job, CLIENT, lambda c: c["executors"][0]["executor"].update(path="lightning_exec.LightningExecutor"))
+    line = one_problem(job)
+    assert str(job / CLIENT) in line and "(id 'lightning_executor')" in line
+    assert "class path 'lightning_exec.LightningExecutor' does not import: ModuleNotFoundError" in line
+
+
+def test_a_mistyped_argument_gets_a_suggestion(tmp_path, offline_data):
+    job = job_copy(tmp_path, offline_data)
+    edit(job, CLIENT, lambda c: executor_args(c).update(local_epoch=2))
+    line = one_problem(job)
+    assert line.endswith("LightningExecutor has no argument 'local_epoch' (did you mean 'local_epochs'?)")
+
+
+def test_an_unknown_argument_of_a_flare_class(tmp_path, offline_data):
+    job = job_copy(tmp_path, offline_data)
+    edit(job, SERVER, lambda c: component(c, "aggregator")["args"].update(weights_by_iter=True))
+    assert "InTimeAccumulateWeightedAggregator has no argument 'weights_by_iter'" in one_problem(job)
+
+
+def test_a_variable_that_is_not_defined(tmp_path, offline_data):
+    job = job_copy(tmp_path, offline_data)
+    edit(job, CLIENT, lambda c: executor_args(c).update(lr="{learning_rate}"))
+    assert "uses {learning_rate}, which is not a top-level variable of this file" in one_problem(job)
+
+
+def test_a_dotted_key(tmp_path, offline_data):
+    job = job_copy(tmp_path, offline_data)
+    edit(job, SERVER, lambda c: component(c, "mlflow_tracker")["args"]["kw_args"].update({"mlflow.note.content": "x"}))
+    assert "mlflow.note.content: dotted key" in one_problem(job)
+
+
+@pytest.mark.parametrize(
+    "setting,value,expected",
+    [
+        ("server.num_rounds", 0, "config_fed_server.json: variable num_rounds: num_rounds must be >= 1, got 0"),
+        ("server.min_clients", 0, "config_fed_server.json: variable min_clients: min_clients must be >= 1, got 0"),
+        ("server.train_timeout", -5, "variable train_timeout: train_timeout must be >= 0, got -5"),
+        ("client.local_epochs", 0, "LightningExecutor: local_epochs must be an integer >= 1, got 0"),
+        ("client.local_epochs", "2", "LightningExecutor: local_epochs must be an integer >= 1, got '2'"),
+        ("client.batch_size", 0, "LightningExecutor: batch_size must be an integer >= 1, got 0"),
+        ("client.lr", -0.1, "LightningExecutor: lr must be a number in (0, 10.0], got -0.1"),
+        ("client.lr", 50, "LightningExecutor: lr must be a number in (0, 10.0], got 50"),
+        ("client.optimizer", "adamm", "LightningExecutor: optimizer must be one of"),
+        ("meta.min_clients", 0, "meta.json: min_clients must be an integer >= 1, got 0"),
+    ],
+)
+def test_values_out_of_range(tmp_path, offline_data, setting, value, expected):
+    job = job_copy(tmp_path, offline_data, **{setting: value})
+    assert expected in one_problem(job)
+
+
+def test_min_clients_above_the_number_of_sites(tmp_path, offline_data):
+    job = job_copy(tmp_path, offline_data, **{"server.min_clients": 3})
+    # Used by the workflow and the guard: reported once, as the variable.
+    assert one_problem(job, sites=2) == f"{job / SERVER}: variable min_clients: min_clients is 3 but only 2 site(s) run"
+    job = job_copy(tmp_path, offline_data, **{"meta.min_clients": 3})
+    assert one_problem(job, sites=2) == f"{job / 'meta.json'}: min_clients is 3 but only 2 site(s) will run"
+
+
+def test_a_key_metric_the_sites_never_report(tmp_path, offline_data):
+    job = job_copy(tmp_path, offline_data, **{"server.key_metric": "val_accuracy"})
+    assert one_problem(job).endswith(
+        "component 'model_selector': key_metric 'val_accuracy' is never reported by the sites "
+        "(they report ['global_val_acc', 'global_val_loss'])"
+    )
+
+
+@pytest.mark.parametrize(
+    "uri,expected",
+    [
+        ("file:///tmp/mlruns", "MLflow >= 3.13 refuses file stores"),
+        ("mlflow.example.com:5000", "unsupported scheme 'mlflow.example.com'"),
+        ("/tmp/mlflow.db", "MLflow >= 3.13 refuses file stores"),
+    ],
+)
+def test_an_unparseable_tracking_uri(tmp_path, offline_data, uri, expected):
+    job = job_copy(tmp_path, offline_data, **{"server.tracking_uri": uri})
+    line = one_problem(job)
+    assert "(id 'mlflow_tracker'): FederatedMLflowTracker refused its arguments" in line and expected in line
+
+
+def test_a_yaml_file_under_app_custom(tmp_path, offline_data):
+    job = job_copy(tmp_path, offline_data)
+    (job / "app/custom/settings.yml").write_text("a: 1\n")
+    assert "a YAML file under app/custom breaks `nvflare job submit`" in one_problem(job)
+
+
+def test_missing_data_folder(tmp_path, offline_data):
+    job = job_copy(tmp_path, offline_data)
+    missing = tmp_path / "no-data"
+    assert one_problem(job, data_root=str(missing)) == f"site site-1: missing data folder: {missing}"
+
+
+def test_missing_split_for_a_site(tmp_path, offline_data):
+    data = shutil.copytree(offline_data, tmp_path / "data")
+    split_path(data, "site-2").unlink()
+    job = job_copy(tmp_path, data)
+    assert one_problem(job).startswith("site site-2: missing split file (run scripts/prepare_data.sh with enough")
+
+
+def test_a_truncated_data_file(tmp_path, offline_data):
+    data = shutil.copytree(offline_data, tmp_path / "data")
+    batch = batches_dir(data) / "data_batch_1"
+    batch.write_bytes(batch.read_bytes()[:500])
+    job = job_copy(tmp_path, data)
+    problems, _ = check_job(job, 2, None)
+    # Every site reads the same files: each says so, naming itself and the file.
+    assert [p.split(":")[0] for p in problems] == ["site site-1", "site site-2"]
+    assert all("unreadable data file" in p and str(batch) in p for p in problems)
+
+
+def test_the_command_line_prints_one_line_per_problem_and_fails(tmp_path, offline_data):
+    job = job_copy(tmp_path, offline_data, **{"client.lr": 0})
+    result = subprocess.run(
+        [shutil.which("python"), str(REPO / "scripts/check_job.py"), str(job), "--sites", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1 and result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"check_job: {job / CLIENT}: executors[0].executor (id 'lightning_executor')")
+    assert "lr must be a number in (0, 10.0], got 0" in line
