@@ -41,10 +41,19 @@ dir="$(realpath -m "$dir")"
 pid_file="$dir/server.pid"
 uri="http://127.0.0.1:$port"
 
-running_pid() {
+running_pid() { # the PID in the PID file, if that process is alive and is this folder's server
   local pid
   pid=$(cat "$pid_file" 2>/dev/null) || return 1
-  kill -0 "$pid" 2>/dev/null && echo "$pid"
+  [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null || return 1
+  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "sqlite:///$dir/mlflow.db" || return 1
+  echo "$pid"
+}
+
+drop_stale_pid_file() { # after a crash: the PID file names a dead process, or one that is not ours
+  if [ -f "$pid_file" ] && ! running_pid >/dev/null; then
+    echo "mlflow-server: removing stale PID file $pid_file (PID $(head -c 20 "$pid_file" | tr -d '\n') is not this server)"
+    rm -f "$pid_file"
+  fi
 }
 
 healthy() { curl -sf -o /dev/null --max-time 2 "$1/health"; }
@@ -54,6 +63,7 @@ cmd_start() {
     echo "mlflow-server: already running (PID $pid) at $(cat "$dir/uri")"
     return 0
   fi
+  drop_stale_pid_file
   activate_venv
   mkdir -p "$dir/artifacts"
   (
