@@ -81,31 +81,66 @@ poc_pids() { # every process whose command line names this POC workspace
   pgrep -f -- "$poc_ws/" || true
 }
 
+part_pids() { # processes of one POC participant (server, site-1, ...): its daemon, its process, its jobs
+  pgrep -f -- "$poc_ws/example_project/prod_00/$1( |/|\$)" || true
+}
+
+all_parts_running() {
+  local part
+  for part in server $(site_names); do
+    [ -n "$(part_pids "$part")" ] || return 1
+  done
+}
+
+clear_stale_pid_files() { # FLARE's start scripts refuse to start over a daemon_pid.fl left by a crash
+  [ -z "$(poc_pids)" ] || return 0
+  local stale
+  stale=$(find "$poc_ws/example_project/prod_00" -maxdepth 2 \( -name daemon_pid.fl -o -name pid.fl \
+    -o -name shutdown.fl -o -name restart.fl \) 2>/dev/null || true)
+  if [ -n "$stale" ]; then
+    echo "poc: removing $(echo "$stale" | wc -l) stale PID/control file(s) left by an earlier run"
+    rm -f $stale
+  fi
+}
+
 cmd_prepare() {
   mkdir -p "$workspace"
   if [ -n "$(poc_pids)" ]; then cmd_stop; fi
   nvflare poc prepare -n "$sites" --force >"$workspace/prepare.log" 2>&1 \
     || die "nvflare poc prepare failed; see $workspace/prepare.log"
+  rm -f "$workspace/last_job_id" # a job of the old workspace is not in this one
   echo "poc: workspace for $sites site(s) in $poc_ws (nvflare CLI config: $HOME/.nvflare/config.conf)"
 }
 
 cmd_start() {
   [ -d "$kit" ] || die "no POC workspace in $poc_ws (run: scripts/poc.sh prepare)"
-  [ -z "$(poc_pids)" ] || die "POC processes already running for $poc_ws (run: scripts/poc.sh stop)"
-  local server_env=()
+  if [ -n "$(poc_pids)" ]; then
+    if all_parts_running; then
+      echo "poc: already running ($(poc_pids | wc -l) processes)"
+      return 0
+    fi
+    echo "poc: the server or a site of an earlier start is gone; stopping what is left, then starting afresh"
+    cmd_stop
+  fi
+  clear_stale_pid_files
   if [ -n "$credentials" ]; then
     [ -r "$credentials" ] || die "cannot read credentials file $credentials"
-    while IFS='=' read -r key value; do
-      case "$key" in
-        MLFLOW_TRACKING_USERNAME|MLFLOW_TRACKING_PASSWORD|MLFLOW_TRACKING_TOKEN) server_env+=("$key=$value") ;;
-      esac
-    done <"$credentials"
-    [ ${#server_env[@]} -gt 0 ] || die "no MLFLOW_TRACKING_* lines in $credentials"
+    grep -qE '^MLFLOW_TRACKING_(USERNAME|PASSWORD|TOKEN)=' "$credentials" \
+      || die "no MLFLOW_TRACKING_* lines in $credentials"
   fi
-  # The server alone gets the credentials; sites start from an environment without any.
-  env -u MLFLOW_TRACKING_USERNAME -u MLFLOW_TRACKING_PASSWORD -u MLFLOW_TRACKING_TOKEN "${server_env[@]}" \
-    nvflare poc start -p server >"$workspace/start-server.log" 2>&1 \
-    || { cmd_stop; die "the FL server did not start; see $workspace/start-server.log"; }
+  # The server alone gets the credentials, exported inside a subshell: never on a command line
+  # (visible in ps) and never in the environment of the sites, which start without any.
+  (
+    unset MLFLOW_TRACKING_USERNAME MLFLOW_TRACKING_PASSWORD MLFLOW_TRACKING_TOKEN
+    if [ -n "$credentials" ]; then
+      while IFS='=' read -r key value; do
+        case "$key" in
+          MLFLOW_TRACKING_USERNAME|MLFLOW_TRACKING_PASSWORD|MLFLOW_TRACKING_TOKEN) export "$key=$value" ;;
+        esac
+      done <"$credentials"
+    fi
+    exec nvflare poc start -p server >"$workspace/start-server.log" 2>&1
+  ) || { cmd_stop; die "the FL server did not start; see $workspace/start-server.log"; }
   local site_args=()
   for s in $(site_names); do site_args+=(-p "$s"); done
   # Sites share this machine's cores: tell each how many run here.
@@ -130,6 +165,8 @@ cmd_submit() {
   [ -n "$tracking_uri" ] && settings+=("server.tracking_uri=$tracking_uri")
   python "$REPO_ROOT/scripts/configure_job.py" "$REPO_ROOT/jobs/$job_name" "$job" "${settings[@]}" \
     || die "could not configure the job"
+  python "$REPO_ROOT/scripts/check_job.py" "$job" --sites "$sites" --data-root "$data_root" \
+    || die "the job has the problem(s) above; nothing was submitted (job copy: $job)"
   local out
   out=$(nvflare --format json job submit -j "$job" --startup-kit "$kit" 2>"$workspace/submit.log") \
     || die "job submit failed: $(tail -n 3 "$workspace/submit.log" | tr '\n' ' ')"
@@ -147,8 +184,21 @@ resolve_job_id() {
 cmd_wait() {
   resolve_job_id
   echo "poc: waiting for job $job_id (up to $timeout s)"
-  local rc=0
-  nvflare job wait "$job_id" --timeout "$timeout" --startup-kit "$kit" >"$workspace/wait.log" 2>&1 || rc=$?
+  local rc=0 waiter
+  nvflare job wait "$job_id" --timeout "$timeout" --startup-kit "$kit" >"$workspace/wait.log" 2>&1 &
+  waiter=$!
+  # Watch the server meanwhile: if it is gone, nothing will ever finish the job.
+  while kill -0 "$waiter" 2>/dev/null; do
+    if [ -z "$(part_pids server)" ]; then
+      kill "$waiter" 2>/dev/null || true
+      wait "$waiter" 2>/dev/null || true
+      echo "poc: the FL server stopped while job $job_id ran; stopping the sites" >&2
+      cmd_stop >&2
+      die "the FL server stopped during job $job_id; its log: $poc_ws/example_project/prod_00/server/log.txt"
+    fi
+    sleep 2
+  done
+  wait "$waiter" || rc=$?
   case "$rc" in
     0) echo "poc: job $job_id finished: $(grep -m1 -i 'status' "$workspace/wait.log" | sed 's/^ *//')" ;;
     3) die "job $job_id did not finish within $timeout s" ;;
@@ -169,15 +219,15 @@ cmd_download() {
 }
 
 cmd_stop() {
-  if [ -d "$kit" ] && [ -n "$(poc_pids)" ]; then
-    nvflare poc stop >"$workspace/stop.log" 2>&1 || true
-  fi
   local pids
-  for _ in $(seq 1 30); do
-    pids=$(poc_pids)
-    [ -z "$pids" ] && break
-    sleep 1
-  done
+  if [ -d "$kit" ] && [ -n "$(part_pids server)" ]; then # graceful needs the server: it relays the stop
+    nvflare poc stop >"$workspace/stop.log" 2>&1 || true
+    for _ in $(seq 1 30); do
+      [ -z "$(poc_pids)" ] && break
+      sleep 1
+    done
+  fi
+  pids=$(poc_pids)
   if [ -n "$pids" ]; then # whatever nvflare did not end: by PID, gently, then not
     kill $pids 2>/dev/null || true
     sleep 3

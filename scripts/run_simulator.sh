@@ -12,7 +12,8 @@ if needed (scripts/setup.sh), prepares the data and the per-site split if needed
 (scripts/prepare_data.sh), runs the job, then prints the final global model's test
 accuracy, where the MLflow data is, and the mlflow ui command to view it.
 
-  --job NAME          job folder under jobs/ (default hello-lightning-mlflow; or hello-pt-mlflow)
+  --job NAME|DIR      job folder under jobs/ (default hello-lightning-mlflow; or hello-pt-mlflow),
+                      or the path of a job folder of your own
   --offline           use the offline dataset (generated here) instead of downloading CIFAR-10
   --sites N           number of sites (default 2)
   --rounds R          FL rounds (default 2)
@@ -29,7 +30,8 @@ accuracy, where the MLflow data is, and the mlflow ui command to view it.
   --gpu IDS           GPU ids for the simulator's -gpu option, e.g. 0
   --venv DIR          virtual environment (default $VENV)
 
-The job's own folder is never edited: the run uses a configured copy.
+The job's own folder is never edited: the run uses a configured copy, which
+scripts/check_job.py checks (configs, class paths, data of every site) before anything starts.
 USAGE
 }
 
@@ -58,7 +60,13 @@ done
 for pair in "sites:$sites" "rounds:$rounds" "epochs:$epochs"; do
   [[ "${pair#*:}" =~ ^[1-9][0-9]*$ ]] || die "--${pair%%:*} must be a positive integer, got '${pair#*:}'"
 done
-[ -f "$REPO_ROOT/jobs/$job_name/meta.json" ] || die "no job folder jobs/$job_name (see ls jobs/)"
+if [ -f "$job_name/meta.json" ]; then # a path to a job folder of your own
+  job_src="$(realpath "$job_name")"
+  job_name="$(basename "$job_src")"
+else
+  job_src="$REPO_ROOT/jobs/$job_name"
+  [ -f "$job_src/meta.json" ] || die "no job folder jobs/$job_name or $job_name (see ls jobs/)"
+fi
 threads="${threads:-$sites}"
 [[ "$threads" =~ ^[1-9][0-9]*$ ]] || die "--threads must be a positive integer, got '$threads'"
 if [ -z "$data_root" ]; then
@@ -94,7 +102,7 @@ else
   echo "data: using the existing $sites-site split in $data_root/splits"
 fi
 
-run_dir="$workspace/runs/$(date +%Y%m%d-%H%M%S)"
+run_dir="$workspace/runs/$(date +%Y%m%d-%H%M%S)-$$" # two runs in one second do not share a folder
 mkdir -p "$run_dir"
 ln -sfn "$run_dir" "$workspace/latest"
 job="$run_dir/job/$job_name"
@@ -104,8 +112,10 @@ settings=(
 )
 [ -n "$tracking_uri" ] && settings+=("server.tracking_uri=$tracking_uri")
 [ -n "$experiment" ] && settings+=("server.experiment_name=$experiment")
-python "$REPO_ROOT/scripts/configure_job.py" "$REPO_ROOT/jobs/$job_name" "$job" "${settings[@]}" \
+python "$REPO_ROOT/scripts/configure_job.py" "$job_src" "$job" "${settings[@]}" \
   || die "could not configure the job"
+python "$REPO_ROOT/scripts/check_job.py" "$job" --sites "$sites" \
+  || die "the job has the problem(s) above; nothing was started (job copy: $job)"
 
 sim_ws="$run_dir/simulator"
 sim=(nvflare simulator "$job" -n "$sites" -t "$threads" -w "$sim_ws")

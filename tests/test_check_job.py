@@ -179,3 +179,22 @@ def test_the_command_line_prints_one_line_per_problem_and_fails(tmp_path, offlin
     (line,) = result.stderr.splitlines()
     assert line.startswith(f"check_job: {job / CLIENT}: executors[0].executor (id 'lightning_executor')")
     assert "lr must be a number in (0, 10.0], got 0" in line
+
+
+@pytest.mark.slow
+def test_run_simulator_refuses_a_bad_job_before_starting_anything(tmp_path, offline_data):
+    job = job_copy(tmp_path, offline_data)
+    edit(job, CLIENT, lambda c: executor_args(c).update(batchsize=64))
+    result = subprocess.run(
+        ["bash", str(REPO / "scripts/run_simulator.sh"), "--job", str(job), "--offline"]
+        + ["--data-root", str(offline_data), "--workspace", str(tmp_path / "ws")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1
+    problem, verdict = result.stderr.strip().splitlines()[-2:]
+    assert problem.endswith("LightningExecutor has no argument 'batchsize' (did you mean 'batch_size'?)")
+    assert verdict.startswith("run_simulator.sh: the job has the problem(s) above; nothing was started")
+    assert "running: nvflare simulator" not in result.stdout
+    assert not list((tmp_path / "ws").glob("runs/*/simulator"))

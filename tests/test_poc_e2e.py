@@ -6,6 +6,7 @@ unauthenticated request is refused; nothing the scripts started is left running.
 """
 
 import os
+import signal
 import subprocess
 import time
 import urllib.error
@@ -46,6 +47,18 @@ def processes_under(folder: Path) -> dict:
     return out
 
 
+def command_lines() -> set:
+    """What `ps` shows: the command line of every process on the machine."""
+    out = set()
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                out.add((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+            except OSError:
+                continue
+    return out
+
+
 def summary(client, parent, children):
     def metrics(run):
         return {k: len(client.get_metric_history(run.info.run_id, k)) for k in run.data.metrics}
@@ -72,7 +85,7 @@ def test_poc_cycle_tracks_like_the_simulator_with_credentials_on_the_server_only
         script("poc.sh", *poc, "start")
         script("poc.sh", *poc, "submit")
         # Watch every POC process while the job runs, the job's own processes included.
-        seen = {}
+        seen, everyone = {}, set()
         waiter = subprocess.Popen(
             ["bash", str(REPO / "scripts/poc.sh"), *map(str, poc), "wait"],
             text=True,
@@ -81,6 +94,7 @@ def test_poc_cycle_tracks_like_the_simulator_with_credentials_on_the_server_only
         )
         while waiter.poll() is None:
             seen.update(processes_under(workspace / "poc"))
+            everyone |= command_lines()
             time.sleep(0.5)
         assert waiter.returncode == 0, waiter.stdout.read()
         script("poc.sh", *poc, "download")
@@ -94,6 +108,14 @@ def test_poc_cycle_tracks_like_the_simulator_with_credentials_on_the_server_only
         assert all("MLFLOW_TRACKING_PASSWORD" in env for env in server_side)
         for cmd, env in site_side:
             assert not env & set(CREDENTIAL_VARS), f"credentials in a site process: {cmd[:120]}"
+        # The password is on no command line and in no log, job folder or result.
+        password = dict(line.split("=", 1) for line in (server_dir / "credentials").read_text().splitlines())[
+            "MLFLOW_TRACKING_PASSWORD"
+        ]
+        assert len(everyone) > 10 and not [cmd for cmd in everyone if password in cmd]
+        files = [path for path in workspace.rglob("*") if path.is_file() and not path.is_symlink()]
+        assert len(files) > 20
+        assert not [path for path in files if password.encode() in path.read_bytes()]
 
         # An unauthenticated request is refused.
         request = urllib.request.Request(
@@ -127,3 +149,44 @@ def test_poc_cycle_tracks_like_the_simulator_with_credentials_on_the_server_only
         script("mlflow_server.sh", "--dir", server_dir, "--port", port, "stop")
         assert not os.path.exists(server_dir / "server.pid")
         assert processes_under(server_dir) == {}
+
+
+def test_fl_server_stopping_mid_job_is_reported_and_a_restart_works(offline_data, tmp_path):
+    workspace = tmp_path / "poc"
+    prod = workspace / "poc/example_project/prod_00"
+    poc = ["--workspace", workspace, "--data-root", offline_data, "--rounds", "3"]
+    try:
+        script("poc.sh", *poc, "prepare")
+        script("poc.sh", *poc, "start")
+        assert "poc: already running" in script("poc.sh", *poc, "start")  # twice: nothing new started
+        script("poc.sh", *poc, "submit")
+        job_id = (workspace / "last_job_id").read_text().strip()
+        site_log = prod / "site-1" / job_id / "log.txt"
+        deadline = time.monotonic() + 300
+        while not (site_log.is_file() and "round 0: training starts" in site_log.read_text()):
+            assert time.monotonic() < deadline, "site-1 never started training"
+            time.sleep(0.5)
+        # The server's host goes down: its daemon, its process and the job's process, at once.
+        server = [pid for pid, (cmd, _) in processes_under(workspace / "poc").items() if f"{prod}/server" in cmd]
+        assert server
+        for pid in server:
+            os.kill(pid, signal.SIGKILL)
+
+        started = time.monotonic()
+        waited = subprocess.run(
+            ["bash", str(REPO / "scripts/poc.sh"), *map(str, poc), "wait"], capture_output=True, text=True, timeout=180
+        )
+        print(f"server loss reported and everything stopped in {time.monotonic() - started:.0f} s")
+        assert waited.returncode != 0
+        assert waited.stderr.strip().splitlines()[-1] == (
+            f"poc.sh: the FL server stopped during job {job_id}; its log: {prod}/server/log.txt"
+        )
+        assert processes_under(workspace / "poc") == {}  # the sites were stopped too
+
+        # After the crash: the server's daemon_pid.fl is left behind; a new start clears it and runs.
+        assert (prod / "server/daemon_pid.fl").exists()
+        restarted = script("poc.sh", *poc, "start")
+        assert "stale PID/control file(s)" in restarted and "poc: server and 2 site(s) running" in restarted
+    finally:
+        subprocess.run(["bash", str(REPO / "scripts/poc.sh"), "--workspace", str(workspace), "stop"], timeout=120)
+    assert processes_under(workspace / "poc") == {}
