@@ -47,6 +47,13 @@ class MlflowServer:
         self.stop()
         raise RuntimeError(f"mlflow server not healthy after {timeout} s; see {log.name}")
 
+    def kill(self) -> None:
+        """As in a crash: SIGKILL to the server and its workers, no shutdown."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)

@@ -85,12 +85,12 @@ def assert_every_point_arrived(tmp_path, uri):
     return stats
 
 
-def test_server_down_mid_run_for_longer_than_mlflows_retry_window(offline_data, tmp_path):
+def test_server_killed_mid_run_and_restarted_after_mlflows_retry_window(offline_data, tmp_path):
     server = MlflowServer(tmp_path / "mlflow").start()
     proc = start_job(offline_data, tmp_path, server.uri, rounds=3)
     try:
         wait_for_log(tmp_path, r"round 0: global model", proc)
-        server.stop()
+        server.kill()
         down_at = time.monotonic()
         wait_for_log(tmp_path, r"MLflow write failed, will retry", proc, timeout=60)
         time.sleep(max(0.0, OUTAGE_SECONDS - (time.monotonic() - down_at)))
