@@ -22,6 +22,7 @@ import importlib
 import json
 import os
 import re
+import ssl
 import sys
 import time
 import urllib.error
@@ -84,8 +85,14 @@ def probe_tracking_server(uri: str, timeout: float = 3.0) -> tuple:
     request = urllib.request.Request(
         uri.rstrip("/") + "/api/2.0/mlflow/experiments/search", data=b'{"max_results": 1}', headers=headers
     )
+    context = None
+    if uri.startswith("https"):  # the TLS settings MLflow's client honours
+        if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
+            context = ssl._create_unverified_context()
+        else:
+            context = ssl.create_default_context(cafile=os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or None)
     try:
-        with urllib.request.urlopen(request, timeout=timeout):
+        with urllib.request.urlopen(request, timeout=timeout, context=context):
             return "ok", ""
     except urllib.error.HTTPError as e:
         if e.code in (401, 403):

@@ -233,7 +233,9 @@ def check_job(job: Path, sites: int | None, data_root: str | None, check_data: b
     if problems:
         return problems, ""
 
-    # Build every component as FLARE would: site code from app/custom first on the path.
+    # Build every component as FLARE would: site code from app/custom first on the path
+    # (no __pycache__ left in the job folder).
+    sys.dont_write_bytecode = True
     sys.path.insert(0, str((job / "app" / "custom").resolve()))
     built = {}
     for name in ("server", "client"):
