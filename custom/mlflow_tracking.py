@@ -40,7 +40,7 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_opt.tracking.mlflow.mlflow_receiver import MLflowReceiver
 
-from mlflow_writer_queue import WriteQueue
+from mlflow_writer_queue import USERINFO, WriteQueue
 
 PARENT = "__parent__"
 STATS_FILE = "mlflow_tracking_stats.json"
@@ -59,39 +59,48 @@ class TrackingConfigError(ValueError):
 
 def check_tracking_uri(uri: str) -> str:
     scheme = uri.split(":", 1)[0].split("+", 1)[0] if ":" in uri else ""
+    shown = redact_uri(uri)
     if uri.startswith("file:") or scheme == "":
         raise TrackingConfigError(
-            f"tracking_uri {uri!r}: MLflow >= 3.13 refuses file stores; use sqlite:////abs/path/mlflow.db "
+            f"tracking_uri {shown!r}: MLflow >= 3.13 refuses file stores; use sqlite:////abs/path/mlflow.db "
             "or http://host:port"
         )
     if scheme not in SUPPORTED_SCHEMES:
-        raise TrackingConfigError(f"tracking_uri {uri!r}: unsupported scheme {scheme!r}, expected {SUPPORTED_SCHEMES}")
+        raise TrackingConfigError(
+            f"tracking_uri {shown!r}: unsupported scheme {scheme!r}, expected {SUPPORTED_SCHEMES}"
+        )
     return uri
+
+
+def redact_uri(uri: str) -> str:
+    """The URI without a user:password@ part, for messages."""
+    return USERINFO.sub("***@", uri)
 
 
 def probe_tracking_server(uri: str, timeout: float = 3.0) -> tuple:
     """One quick authenticated request to an MLflow server: ("ok"|"refused"|"unreachable", detail).
 
-    Uses the credentials MLflow itself would (MLFLOW_TRACKING_TOKEN, else MLFLOW_TRACKING_USERNAME
-    and _PASSWORD from the environment); never puts them in the detail.
+    Sends the credentials MLflow's client would (MLFLOW_TRACKING_USERNAME and _PASSWORD, else
+    MLFLOW_TRACKING_TOKEN, from the environment) and honours its TLS settings; the detail
+    never holds a credential.
     """
     headers = {"Content-Type": "application/json"}
     token = os.environ.get("MLFLOW_TRACKING_TOKEN")
     user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    elif user and password:
+    if user and password:
         headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-    request = urllib.request.Request(
-        uri.rstrip("/") + "/api/2.0/mlflow/experiments/search", data=b'{"max_results": 1}', headers=headers
-    )
-    context = None
-    if uri.startswith("https"):  # the TLS settings MLflow's client honours
-        if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
-            context = ssl._create_unverified_context()
-        else:
-            context = ssl.create_default_context(cafile=os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or None)
+    elif token:
+        headers["Authorization"] = f"Bearer {token}"
     try:
+        context = None
+        if uri.startswith("https"):
+            if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
+                context = ssl._create_unverified_context()
+            else:
+                context = ssl.create_default_context(cafile=os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or None)
+        request = urllib.request.Request(
+            uri.rstrip("/") + "/api/2.0/mlflow/experiments/search", data=b'{"max_results": 1}', headers=headers
+        )
         with urllib.request.urlopen(request, timeout=timeout, context=context):
             return "ok", ""
     except urllib.error.HTTPError as e:
@@ -99,8 +108,8 @@ def probe_tracking_server(uri: str, timeout: float = 3.0) -> tuple:
             given = "no credentials were set" if "Authorization" not in headers else "the credentials were refused"
             return "refused", f"HTTP {e.code} {e.reason}: {given}"
         return "ok", f"HTTP {e.code} {e.reason}"  # a server-side problem: the write queue retries
-    except (OSError, ValueError) as e:
-        return "unreachable", f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+    except Exception as e:  # noqa: BLE001 - network, TLS, not HTTP at all: no verdict on the credentials
+        return "unreachable", f"{type(e).__name__}: {str(getattr(e, 'reason', e))[:200]}"
 
 
 def check_key(key) -> str | None:
@@ -218,7 +227,7 @@ class FederatedMLflowTracker(MLflowReceiver):
             self._collect_contribution(fl_ctx)
         elif event_type == AppEventType.ROUND_DONE:
             self._log_global_round(fl_ctx.get_prop(AppConstants.CURRENT_ROUND))
-        elif event_type == AppEventType.GLOBAL_BEST_MODEL_AVAILABLE:
+        elif event_type == AppEventType.GLOBAL_BEST_MODEL_AVAILABLE and self._failure is None:
             self._best = (fl_ctx.get_prop(AppConstants.CURRENT_ROUND), fl_ctx.get_prop(AppConstants.VALIDATION_RESULT))
         elif event_type == AppEventType.VALIDATION_RESULT_RECEIVED:
             self._collect_cross_site_result(fl_ctx)
@@ -232,22 +241,22 @@ class FederatedMLflowTracker(MLflowReceiver):
         uri = self.tracking_uri or ""
         if not uri.startswith(("http://", "https://")):
             return True
+        shown = redact_uri(uri)
         started = time.perf_counter()
         verdict, detail = probe_tracking_server(uri)
         self.probe_seconds = time.perf_counter() - started
         if verdict == "refused":
             reason = (
-                f"MLflow tracking server {uri} refused the FL server ({detail}); set MLFLOW_TRACKING_USERNAME "
+                f"MLflow tracking server {shown} refused the FL server ({detail}); set MLFLOW_TRACKING_USERNAME "
                 "and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the FL server's environment. "
                 "Stopping the job before training: nothing could be tracked"
             )
-            self.log_error(fl_ctx, reason)
-            self.system_panic(reason, fl_ctx)
+            self.system_panic(reason, fl_ctx)  # FLARE logs the reason, once
             return False
         if verdict == "unreachable":
             self.log_warning(
                 fl_ctx,
-                f"MLflow tracking server {uri} unreachable ({detail}); training goes on, data is kept and retried",
+                f"MLflow tracking server {shown} unreachable ({detail}); training goes on, data is kept and retried",
             )
         return True
 
@@ -287,7 +296,7 @@ class FederatedMLflowTracker(MLflowReceiver):
         for key, value in self.fl_params.items():
             self._put_param(PARENT, key, value)
         self._num_rounds = self.fl_params.get("num_rounds")
-        where = uri if not uri.startswith("sqlite") else uri.replace("sqlite:///", "", 1)
+        where = redact_uri(uri) if not uri.startswith("sqlite") else uri.replace("sqlite:///", "", 1)
         self.log_info(fl_ctx, f"MLflow tracking to {where}, experiment {self.experiment_name!r}")
 
     def _setup_runs(self, client, job_name, artifacts, tags):
@@ -562,7 +571,7 @@ class FederatedMLflowTracker(MLflowReceiver):
             self.log_error(
                 fl_ctx,
                 f"MLflow: could not write {dict(lost)} after retrying until job end "
-                f"(last error: {self.queue.last_error}); counts in {self.run_dir / STATS_FILE}",
+                f"(last error: {redact_uri(str(self.queue.last_error))}); counts in {self.run_dir / STATS_FILE}",
             )
             try:  # one quick attempt to mark the loss on the run itself
                 if PARENT in self.queue.run_ids and self.queue.client is not None:

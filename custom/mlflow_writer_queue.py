@@ -12,6 +12,7 @@ import collections
 import itertools
 import json
 import logging
+import re
 import threading
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from mlflow.tracking import MlflowClient
 
 MAX_METRICS, MAX_PARAMS, MAX_TAGS = 1000, 100, 100  # MLflow's log_batch limits
 SCAN = 20_000  # how far ahead one request gathers its run's items
+USERINFO = re.compile(r"(?<=://)[^/@\s]*@")
 
 # Queue items: ("metric", run_key, key, value, timestamp_ms, step), ("param", run_key, key, value),
 # ("tag", run_key, key, value), ("call", name, args): a named action run by the owner's handler
@@ -175,7 +177,8 @@ class WriteQueue:
             except Exception as e:  # any failure: keep the items, back off, retry
                 self.stats["failures"] += 1
                 if str(e) != str(self.last_error):
-                    self.log.warning(f"MLflow write failed, will retry (items kept): {type(e).__name__}: {e}")
+                    error = USERINFO.sub("***@", str(e))  # a URI's user:password@ stays out of logs
+                    self.log.warning(f"MLflow write failed, will retry (items kept): {type(e).__name__}: {error}")
                 self.last_error = e
                 with self._cond:
                     self._cond.wait(delay)

@@ -276,7 +276,12 @@ def check_job(job: Path, sites: int | None, data_root: str | None, check_data: b
         data_roots = {data_root}
     if sites is None:  # as many as the split was made for; without a split, as many as the job needs
         sites = split_sites(data_roots) or max(min_clients)
-    from cifar_data import SiteDataError, SiteDataModule
+    sys.path.append(str(Path(__file__).resolve().parents[1] / "custom"))  # the data reader, if the job lacks it
+    try:
+        from cifar_data import SiteDataError, SiteDataModule
+    except ImportError as e:
+        problems.add(job, f"cannot check the sites' data: {type(e).__name__}: {e}")
+        return problems, ""
 
     checked = 0
     for root in sorted(data_roots):

@@ -96,7 +96,7 @@ cmd_start() {
       echo "mlflow-server: running (PID $(cat "$pid_file")) at $uri; credentials in $dir/credentials"
       return 0
     fi
-    running_pid >/dev/null || die "the server exited; see $dir/server.log"
+    kill -0 "$(cat "$pid_file")" 2>/dev/null || die "the server exited; see $dir/server.log"
     sleep 0.5
   done
   cmd_stop >/dev/null

@@ -77,12 +77,14 @@ site_names() { for i in $(seq 1 "$sites"); do echo "site-$i"; done; }
 activate_venv
 mkdir -p "$HOME"
 
+poc_re=$(printf '%s' "$poc_ws" | sed 's/[][\.*^$+?(){}|]/\\&/g') # the path as a literal in pgrep's regex
+
 poc_pids() { # every process whose command line names this POC workspace
-  pgrep -f -- "$poc_ws/" || true
+  pgrep -f -- "$poc_re/" || true
 }
 
 part_pids() { # processes of one POC participant (server, site-1, ...): its daemon, its process, its jobs
-  pgrep -f -- "$poc_ws/example_project/prod_00/$1( |/|\$)" || true
+  pgrep -f -- "$poc_re/example_project/prod_00/$1( |/|\$)" || true
 }
 
 all_parts_running() {
@@ -92,15 +94,13 @@ all_parts_running() {
   done
 }
 
-clear_stale_pid_files() { # FLARE's start scripts refuse to start over a daemon_pid.fl left by a crash
+clear_stale_pid_files() { # after a crash: FLARE's start script refuses to start when the PID in a
+  # leftover daemon_pid.fl now belongs to another process, and a leftover shutdown.fl stops it at once
   [ -z "$(poc_pids)" ] || return 0
-  local stale
-  stale=$(find "$poc_ws/example_project/prod_00" -maxdepth 2 \( -name daemon_pid.fl -o -name pid.fl \
-    -o -name shutdown.fl -o -name restart.fl \) 2>/dev/null || true)
-  if [ -n "$stale" ]; then
-    echo "poc: removing $(echo "$stale" | wc -l) stale PID/control file(s) left by an earlier run"
-    rm -f $stale
-  fi
+  local count
+  count=$(find "$poc_ws/example_project/prod_00" -maxdepth 2 \( -name daemon_pid.fl -o -name pid.fl \
+    -o -name shutdown.fl -o -name restart.fl \) -print -delete 2>/dev/null | wc -l)
+  [ "$count" = 0 ] || echo "poc: removed $count stale PID/control file(s) left by an earlier run"
 }
 
 cmd_prepare() {
@@ -133,7 +133,7 @@ cmd_start() {
   (
     unset MLFLOW_TRACKING_USERNAME MLFLOW_TRACKING_PASSWORD MLFLOW_TRACKING_TOKEN
     if [ -n "$credentials" ]; then
-      while IFS='=' read -r key value; do
+      while IFS='=' read -r key value || [ -n "$key" ]; do # the last line may lack a newline
         case "$key" in
           MLFLOW_TRACKING_USERNAME|MLFLOW_TRACKING_PASSWORD|MLFLOW_TRACKING_TOKEN) export "$key=$value" ;;
         esac
@@ -184,21 +184,23 @@ resolve_job_id() {
 cmd_wait() {
   resolve_job_id
   echo "poc: waiting for job $job_id (up to $timeout s)"
-  local rc=0 waiter
+  local rc=0
   nvflare job wait "$job_id" --timeout "$timeout" --startup-kit "$kit" >"$workspace/wait.log" 2>&1 &
   waiter=$!
   # Watch the server meanwhile: if it is gone, nothing will ever finish the job.
-  while kill -0 "$waiter" 2>/dev/null; do
-    if [ -z "$(part_pids server)" ]; then
-      kill "$waiter" 2>/dev/null || true
-      wait "$waiter" 2>/dev/null || true
-      echo "poc: the FL server stopped while job $job_id ran; stopping the sites" >&2
-      cmd_stop >&2
-      die "the FL server stopped during job $job_id; its log: $poc_ws/example_project/prod_00/server/log.txt"
-    fi
+  while kill -0 "$waiter" 2>/dev/null && [ -n "$(part_pids server)" ]; do
     sleep 2
   done
+  if [ -z "$(part_pids server)" ]; then
+    kill "$waiter" 2>/dev/null || true
+    wait "$waiter" 2>/dev/null || true
+    waiter=""
+    echo "poc: the FL server stopped while job $job_id ran; stopping the sites" >&2
+    cmd_stop >&2
+    die "the FL server stopped during job $job_id; its log: $poc_ws/example_project/prod_00/server/log.txt"
+  fi
   wait "$waiter" || rc=$?
+  waiter=""
   case "$rc" in
     0) echo "poc: job $job_id finished: $(grep -m1 -i 'status' "$workspace/wait.log" | sed 's/^ *//')" ;;
     3) die "job $job_id did not finish within $timeout s" ;;
@@ -254,16 +256,25 @@ cmd_status() {
 cmd_run() {
   local started
   started=$(date +%s)
-  trap 'cmd_stop >/dev/null 2>&1 || true' EXIT
+  stop_on_exit=1
   cmd_prepare
   cmd_start
   cmd_submit
   cmd_wait
   cmd_download
   cmd_stop
-  trap - EXIT
+  stop_on_exit=0
   echo "poc: whole cycle in $(( $(date +%s) - started )) s"
 }
+
+waiter="" stop_on_exit=0
+on_exit() { # whatever way this script ends: no waiter left behind; after a failed 'run', nothing running
+  [ -z "$waiter" ] || kill "$waiter" 2>/dev/null || true
+  [ "$stop_on_exit" = 0 ] || cmd_stop >/dev/null 2>&1 || true
+}
+trap on_exit EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 case "$command" in
   prepare|start|submit|wait|download|stop|clean|status|run) "cmd_$command" ;;

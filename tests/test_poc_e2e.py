@@ -8,6 +8,7 @@ unauthenticated request is refused; nothing the scripts started is left running.
 import os
 import signal
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -23,12 +24,27 @@ pytestmark = pytest.mark.slow
 CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 
 
-def script(name, *args, timeout=600):
+def script(name, *args, timeout=600, trace=False):
+    """Run a script; with trace, under `bash -x` and return its trace (every command it ran) too."""
+    bash = ["bash", "-x"] if trace else ["bash"]
     result = subprocess.run(
-        ["bash", str(REPO / "scripts" / name), *map(str, args)], capture_output=True, text=True, timeout=timeout
+        [*bash, str(REPO / "scripts" / name), *map(str, args)], capture_output=True, text=True, timeout=timeout
     )
     assert result.returncode == 0, f"{name} {args}: {result.stdout[-2000:]}{result.stderr[-2000:]}"
-    return result.stdout
+    return (result.stdout, result.stderr) if trace else result.stdout
+
+
+class Sampler(threading.Thread):
+    """Every command line on the machine, sampled every 200 ms while running."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.seen, self.done = set(), threading.Event()
+
+    def run(self):
+        while not self.done.is_set():
+            self.seen |= command_lines()
+            self.done.wait(0.2)
 
 
 def processes_under(folder: Path) -> dict:
@@ -82,10 +98,13 @@ def test_poc_cycle_tracks_like_the_simulator_with_credentials_on_the_server_only
         assert oct((server_dir / "credentials").stat().st_mode & 0o777) == "0o600"
         started = time.monotonic()
         script("poc.sh", *poc, "prepare")
-        script("poc.sh", *poc, "start")
+        sampler = Sampler()
+        sampler.start()
+        # Traced: every command the script runs, with its arguments expanded.
+        _, start_trace = script("poc.sh", *poc, "start", trace=True)
         script("poc.sh", *poc, "submit")
         # Watch every POC process while the job runs, the job's own processes included.
-        seen, everyone = {}, set()
+        seen = {}
         waiter = subprocess.Popen(
             ["bash", str(REPO / "scripts/poc.sh"), *map(str, poc), "wait"],
             text=True,
@@ -94,11 +113,11 @@ def test_poc_cycle_tracks_like_the_simulator_with_credentials_on_the_server_only
         )
         while waiter.poll() is None:
             seen.update(processes_under(workspace / "poc"))
-            everyone |= command_lines()
             time.sleep(0.5)
         assert waiter.returncode == 0, waiter.stdout.read()
         script("poc.sh", *poc, "download")
         script("poc.sh", *poc, "stop")
+        sampler.done.set()
         print(f"POC cycle: {time.monotonic() - started:.0f} s")
 
         assert processes_under(workspace / "poc") == {}  # nothing left running
@@ -112,7 +131,13 @@ def test_poc_cycle_tracks_like_the_simulator_with_credentials_on_the_server_only
         password = dict(line.split("=", 1) for line in (server_dir / "credentials").read_text().splitlines())[
             "MLFLOW_TRACKING_PASSWORD"
         ]
-        assert len(everyone) > 10 and not [cmd for cmd in everyone if password in cmd]
+        assert len(sampler.seen) > 10 and not [cmd for cmd in sampler.seen if password in cmd]
+        # In the traced start, the password shows only where the script exports it inside its
+        # subshell (the builtin and the assignment it makes: no process, no command line),
+        # never in a command it runs (that would read "VAR=... command args" or "command ... VAR=...").
+        traced = {line.lstrip("+ ") for line in start_trace.splitlines() if password in line}
+        exported = f"MLFLOW_TRACKING_PASSWORD={password}"
+        assert traced == {f"export {exported}", exported}, traced
         files = [path for path in workspace.rglob("*") if path.is_file() and not path.is_symlink()]
         assert len(files) > 20
         assert not [path for path in files if password.encode() in path.read_bytes()]

@@ -22,7 +22,7 @@ from configure_job import configure_job
 from conftest import JOB, REPO, tracked_runs
 
 pytestmark = pytest.mark.slow
-TRAIN_TIMEOUT = 30
+TRAIN_TIMEOUT = 20
 
 
 def worker_pid(workspace: Path, site: str) -> int | None:

@@ -59,7 +59,7 @@ def test_refused_credentials_stop_the_job_before_training_with_one_clear_error(o
             "FL server's environment. Stopping the job before training"
         )
         server_log = (workspace / "server/log.txt").read_text()
-        assert expected in server_log, log[-3000:]
+        assert server_log.count(expected) == 1, log[-3000:]  # one error line, from FLARE's abort
         assert "training starts" not in log  # no site trained
         for site in ("site-1", "site-2"):
             site_log = (workspace / site / "log.txt").read_text() if (workspace / site / "log.txt").exists() else ""
