@@ -9,9 +9,13 @@ Usage: scripts/poc.sh [options] COMMAND
 
 Commands (each can run alone; 'run' does the whole cycle):
   prepare    create the POC workspace for --sites sites (replaces an earlier one)
-  start      start the FL server, then the sites; only the server gets MLflow credentials
-  submit     configure a copy of the job and submit it (nvflare job submit); prints the job id
-  wait       wait for the submitted job (--timeout) and fail unless it finished OK
+  start      start the FL server, then the sites; only the server gets MLflow credentials.
+             Says so and does nothing when all are running; after a crash, stops what is
+             left and clears stale PID files first
+  submit     configure a copy of the job, check it (scripts/check_job.py), submit it
+             (nvflare job submit); prints the job id
+  wait       wait for the submitted job (--timeout) and fail unless it finished OK; if the FL
+             server goes away meanwhile, say so, stop the sites and fail
   download   download the job's result (MLflow data, models, logs) into WORKSPACE/results
   stop       stop the server and sites; kills any of their processes still alive after that
   clean      stop, then delete the POC workspace
