@@ -48,6 +48,8 @@ VAL_SAMPLES_META = "val_samples"  # DXO meta: how many samples a site's metrics 
 MAX_KEY_LENGTH = 250  # MLflow's limit for metric/param/tag names
 MAX_PARAM_VALUE_LENGTH = 6000
 MAX_TAG_VALUE_LENGTH = 8000
+PARAM_TYPES = (AnalyticsDataType.PARAMETERS, AnalyticsDataType.PARAMETER)
+TAG_TYPES = (AnalyticsDataType.TAGS, AnalyticsDataType.TAG)
 MAX_ITEMS_PER_EVENT = 20_000  # a site's batch holds about a second of metrics: far fewer
 KEY_PATTERN = re.compile(r"^[\w\-. /:]+$")  # what MLflow accepts in a name
 SUPPORTED_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
@@ -358,23 +360,24 @@ class FederatedMLflowTracker(MLflowReceiver):
                 budget -= len(values)
                 for key, value in values.items():
                     self._put_metric(fl_ctx, site, key, value, step, now)
-        elif kind in (AnalyticsDataType.PARAMETERS, AnalyticsDataType.PARAMETER):
+        elif kind in (*PARAM_TYPES, *TAG_TYPES):
+            item, limit = ("param", MAX_PARAM_VALUE_LENGTH) if kind in PARAM_TYPES else ("tag", MAX_TAG_VALUE_LENGTH)
             values = data.value if isinstance(data.value, dict) else {data.tag: data.value}
+            if len(values) > MAX_ITEMS_PER_EVENT:
+                self._reject(fl_ctx, site, f"{item}s event", None, f"exceeds {MAX_ITEMS_PER_EVENT} values per event")
+                return
             for key, value in values.items():
-                if not self._reject(fl_ctx, site, "param", key):
-                    self.received[site]["param"] += 1
-                    value = self._bounded(fl_ctx, site, "param", key, value, MAX_PARAM_VALUE_LENGTH)
-                    self._put_param(site, key, value)
-                    if key in self.promote_params and key not in self._promoted:
-                        self._promoted.add(key)
-                        self._put_param(PARENT, key, value)
-        elif kind in (AnalyticsDataType.TAGS, AnalyticsDataType.TAG):
-            values = data.value if isinstance(data.value, dict) else {data.tag: data.value}
-            for key, value in values.items():
-                if not self._reject(fl_ctx, site, "tag", key):
-                    self.received[site]["tag"] += 1
-                    value = self._bounded(fl_ctx, site, "tag", key, value, MAX_TAG_VALUE_LENGTH)
+                if self._reject(fl_ctx, site, item, key):
+                    continue
+                self.received[site][item] += 1
+                value = self._bounded(fl_ctx, site, item, key, value, limit)
+                if item == "tag":
                     self.queue.put(("tag", site, key, value))
+                    continue
+                self._put_param(site, key, value)
+                if key in self.promote_params and key not in self._promoted:
+                    self._promoted.add(key)
+                    self._put_param(PARENT, key, value)
         elif kind == AnalyticsDataType.TEXT and data.path:
             self.queue.put(("call", "log_text", [site, str(data.value), str(data.path)]))
         else:
@@ -397,10 +400,7 @@ class FederatedMLflowTracker(MLflowReceiver):
         reason = reason or (check_key(key) if kind in ("metric", "param", "tag") else None)
         if reason:
             named = f" name {str(key)[:60]!r}" if key is not None else ""
-            what = f"{site}: {kind}{named} {reason}"
-            self.rejected[what] += 1
-            if self.rejected[what] == 1:  # log each kind of rejection once; the count goes to the stats file
-                self.log_warning(fl_ctx, f"rejected {what}")
+            self._count_and_log_once(fl_ctx, self.rejected, f"{site}: {kind}{named} {reason}", "rejected ")
         return reason is not None
 
     def _bounded(self, fl_ctx, site, kind, key, value, limit) -> str:
@@ -408,11 +408,15 @@ class FederatedMLflowTracker(MLflowReceiver):
         text = str(value)
         if len(text) > limit:
             what = f"{site}: {kind} {key!r} value of {len(text)} characters cut to {limit} (MLflow's limit)"
-            self.truncated[what] += 1
-            if self.truncated[what] == 1:
-                self.log_warning(fl_ctx, what)
+            self._count_and_log_once(fl_ctx, self.truncated, what)
             text = text[:limit]
         return text
+
+    def _count_and_log_once(self, fl_ctx, counter: collections.Counter, what: str, prefix: str = ""):
+        """Each distinct problem is logged once; how often it happened goes to the stats file."""
+        counter[what] += 1
+        if counter[what] == 1:
+            self.log_warning(fl_ctx, prefix + what)
 
     def _put_param(self, run_key, key, value):
         self.queue.put(("param", run_key, key, str(value)[:MAX_PARAM_VALUE_LENGTH]))

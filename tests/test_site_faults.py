@@ -135,6 +135,7 @@ def test_malformed_names_and_values_from_a_site_are_rejected_with_a_reason(fault
         "site-1: metric record is not [step, round, {name: value}]",
         "site-1: param name 'bad param!' has characters MLflow does not accept",
         "site-1: tag name 'bad\\ttag' has characters MLflow does not accept",
+        "site-1: params event exceeds 20000 values per event",
     ):
         assert reason in rejected
         assert f"rejected {reason}" in log  # logged on the server, once
@@ -147,3 +148,4 @@ def test_malformed_names_and_values_from_a_site_are_rejected_with_a_reason(fault
     assert not any(k.startswith(("xxx", "yyy")) or "escape" in k or "not_a_number" in k for k in run.data.metrics)
     assert len(run.data.params[LONG_PARAM]) == 6000 and "bad param!" not in run.data.params
     assert run.data.tags["hostile_tag"] == "ok" and "bad\ttag" not in run.data.tags
+    assert not [name for name in run.data.params if name.startswith("flood_")]

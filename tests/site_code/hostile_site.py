@@ -42,3 +42,5 @@ class HostileSite(FLComponent):
         self._send(fl_ctx, "metrics_batch", {GOOD_METRIC: 3.0}, AnalyticsDataType.METRICS, records=records)
         self._send(fl_ctx, "params", {LONG_PARAM: "v" * 10_000, "bad param!": 1}, AnalyticsDataType.PARAMETERS)
         self._send(fl_ctx, "tags", {"bad\ttag": "x", "hostile_tag": "ok"}, AnalyticsDataType.TAGS)
+        flood = {f"flood_{i}": i for i in range(20_001)}  # more than one event may carry
+        self._send(fl_ctx, "params", flood, AnalyticsDataType.PARAMETERS)
