@@ -199,9 +199,16 @@ def site_names(sites: int) -> list:
 
 
 def check_job(job: Path, sites: int | None, data_root: str | None, check_data: bool = True) -> tuple:
-    """Returns (problems, summary)."""
+    """Returns (problems, summary). Leaves sys.path as it found it."""
+    saved_path = list(sys.path)
+    try:
+        return _check_job(Path(job), sites, data_root, check_data)
+    finally:
+        sys.path[:] = saved_path
+
+
+def _check_job(job: Path, sites: int | None, data_root: str | None, check_data: bool) -> tuple:
     problems = Problems()
-    job = Path(job)
     if not job.is_dir():
         problems.add(job, "no such job folder")
         return problems, ""

@@ -61,3 +61,16 @@ def tracked_runs(server):
     parents = [r for r in runs if r.data.tags.get("role") == "federation"]
     children = {r.data.tags.get("site"): r for r in runs if r.data.tags.get("role") == "site"}
     return client, parents, children
+
+
+def live_processes() -> dict:
+    """pid -> argv of every process on the machine (what `ps` shows); vanished ones skipped."""
+    out = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            except OSError:
+                continue
+            out[int(proc.name)] = [a for a in argv if a]
+    return out

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, tracked_runs
+from conftest import REPO, live_processes, tracked_runs
 from mlflow_server import free_port
 
 pytestmark = pytest.mark.slow
@@ -48,31 +48,22 @@ class Sampler(threading.Thread):
 
 
 def processes_under(folder: Path) -> dict:
-    """pid -> (command line, environment) of live processes whose command line names folder."""
+    """pid -> (command line, environment variable names) of live processes whose command line names folder."""
     out = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            if str(folder) + "/" in cmdline:
-                environ = (proc / "environ").read_bytes().split(b"\0")
-                out[int(proc.name)] = (cmdline, {e.split(b"=", 1)[0].decode() for e in environ if b"=" in e})
-        except OSError:
-            continue
+    for pid, argv in live_processes().items():
+        cmdline = " ".join(argv)
+        if str(folder) + "/" in cmdline:
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            out[pid] = (cmdline, {e.split(b"=", 1)[0].decode() for e in environ if b"=" in e})
     return out
 
 
 def command_lines() -> set:
     """What `ps` shows: the command line of every process on the machine."""
-    out = set()
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                out.add((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
-            except OSError:
-                continue
-    return out
+    return {" ".join(argv) for argv in live_processes().values()}
 
 
 def summary(client, parent, children):
@@ -118,6 +109,7 @@ def test_poc_cycle_tracks_like_the_simulator_with_credentials_on_the_server_only
         script("poc.sh", *poc, "download")
         script("poc.sh", *poc, "stop")
         sampler.done.set()
+        sampler.join()  # its last sample is in before anyone reads it
         print(f"POC cycle: {time.monotonic() - started:.0f} s")
 
         assert processes_under(workspace / "poc") == {}  # nothing left running

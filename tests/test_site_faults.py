@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from configure_job import configure_job
-from conftest import JOB, REPO, tracked_runs
+from conftest import JOB, REPO, live_processes, tracked_runs
 
 pytestmark = pytest.mark.slow
 TRAIN_TIMEOUT = 20
@@ -27,14 +27,9 @@ TRAIN_TIMEOUT = 20
 
 def worker_pid(workspace: Path, site: str) -> int | None:
     """The simulator worker process that runs this site (its -o is the site's workspace)."""
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                argv = (proc / "cmdline").read_bytes().decode().split("\0")
-            except OSError:
-                continue
-            if "nvflare.private.fed.app.simulator.simulator_worker" in argv and str(workspace / site) in argv:
-                return int(proc.name)
+    for pid, argv in live_processes().items():
+        if "nvflare.private.fed.app.simulator.simulator_worker" in argv and str(workspace / site) in argv:
+            return pid
     return None
 
 
