@@ -21,16 +21,15 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from fl_lightning_mlflow.site.data import SiteDataModule, read_train_set, split_path, tensor_dataset
+from flctl import data_prep
+from flctl.configure import configure_job
+from flctl.evaluate import global_test_accuracy, load_global_model
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "custom"), str(REPO / "scripts")]
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import data_prep  # noqa: E402
-from cifar_data import SiteDataModule, read_train_set, split_path, tensor_dataset  # noqa: E402
-from configure_job import configure_job  # noqa: E402
-from evaluate_global_model import global_test_accuracy, load_global_model  # noqa: E402
 
 JOB = REPO / "jobs" / "hello-lightning-mlflow"
 STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
@@ -59,7 +58,7 @@ def reference(data_root, sites, rounds, epochs, batch=32, lr=0.02):
     """Each site's share trained for rounds x epochs, sites one after another, all cores."""
     import pytorch_lightning as pl
 
-    from lit_cifar import LitCifarNet
+    from fl_lightning_mlflow.site.lit_module import LitCifarNet
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     per_site = {}
@@ -83,7 +82,7 @@ def centralized(data_root, sites, total_epochs, batch=32, lr=0.02):
     import pytorch_lightning as pl
     from torch.utils.data import DataLoader
 
-    from lit_cifar import LitCifarNet
+    from fl_lightning_mlflow.site.lit_module import LitCifarNet
 
     images, labels = read_train_set(data_root)
     shares = [json.loads(split_path(data_root, f"site-{i}").read_text())["train"] for i in range(1, sites + 1)]
@@ -99,7 +98,7 @@ def centralized(data_root, sites, total_epochs, batch=32, lr=0.02):
 
 
 def initial_global_state():
-    from cifar_net import CifarNet
+    from fl_lightning_mlflow.common.network import CifarNet
 
     return CifarNet(init_seed=0).state_dict()  # what the job's persistor starts from
 
@@ -184,7 +183,7 @@ def global_curves(db):
 def write_path(uri, k_sites, points_per_site, artifact_dir=None):
     from mlflow.tracking import MlflowClient
 
-    from mlflow_writer_queue import WriteQueue
+    from fl_lightning_mlflow.server.write_queue import WriteQueue
 
     client = MlflowClient(uri)
     exp_name = f"write-path-{time.time_ns()}"
@@ -398,8 +397,7 @@ def main(argv=None) -> int:
 
 
 def start_mlflow_server(folder):
-    sys.path.insert(0, str(REPO / "tests"))
-    from mlflow_server import MlflowServer
+    from flctl.mlflow_server import MlflowServer
 
     return MlflowServer(folder).start()
 

@@ -12,7 +12,7 @@ Commands (each can run alone; 'run' does the whole cycle):
   start      start the FL server, then the sites; only the server gets MLflow credentials.
              Says so and does nothing when all are running; after a crash, stops what is
              left and clears stale PID files first
-  submit     configure a copy of the job, check it (scripts/check_job.py), submit it
+  submit     configure a copy of the job, check it (flctl check), submit it
              (nvflare job submit); prints the job id
   wait       wait for the submitted job (--timeout) and fail unless it finished OK; if the FL
              server goes away meanwhile, say so, stop the sites and fail
@@ -167,9 +167,9 @@ cmd_submit() {
     "client.local_epochs=$epochs" "client.data_root=$data_root"
   )
   [ -n "$tracking_uri" ] && settings+=("server.tracking_uri=$tracking_uri")
-  python "$REPO_ROOT/scripts/configure_job.py" "$REPO_ROOT/jobs/$job_name" "$job" "${settings[@]}" \
+  python -m flctl.configure "$REPO_ROOT/jobs/$job_name" "$job" "${settings[@]}" \
     || die "could not configure the job"
-  python "$REPO_ROOT/scripts/check_job.py" "$job" --sites "$sites" --data-root "$data_root" \
+  python -m flctl.check_job "$job" --sites "$sites" --data-root "$data_root" \
     || die "the job has the problem(s) above; nothing was submitted (job copy: $job)"
   local out
   out=$(nvflare --format json job submit -j "$job" --startup-kit "$kit" 2>"$workspace/submit.log") \

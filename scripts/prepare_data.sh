@@ -46,4 +46,4 @@ activate_venv
 args=(--data-root "$data_root" --sites "$sites" --seed "$seed" --val-fraction "$val")
 [ -n "$alpha" ] && args+=(--alpha "$alpha")
 [ "$offline" = 1 ] && args+=(--offline)
-python "$REPO_ROOT/custom/data_prep.py" "${args[@]}" || die "data preparation failed (see above)"
+python -m flctl.data_prep "${args[@]}" || die "data preparation failed (see above)"

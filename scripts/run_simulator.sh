@@ -31,7 +31,7 @@ accuracy, where the MLflow data is, and the mlflow ui command to view it.
   --venv DIR          virtual environment (default $VENV)
 
 The job's own folder is never edited: the run uses a configured copy, which
-scripts/check_job.py checks (configs, class paths, data of every site) before anything starts.
+flctl check checks (configs, class paths, data of every site) before anything starts.
 USAGE
 }
 
@@ -112,9 +112,9 @@ settings=(
 )
 [ -n "$tracking_uri" ] && settings+=("server.tracking_uri=$tracking_uri")
 [ -n "$experiment" ] && settings+=("server.experiment_name=$experiment")
-python "$REPO_ROOT/scripts/configure_job.py" "$job_src" "$job" "${settings[@]}" \
+python -m flctl.configure "$job_src" "$job" "${settings[@]}" \
   || die "could not configure the job"
-python "$REPO_ROOT/scripts/check_job.py" "$job" --sites "$sites" \
+python -m flctl.check_job "$job" --sites "$sites" \
   || die "the job has the problem(s) above; nothing was started (job copy: $job)"
 
 sim_ws="$run_dir/simulator"
@@ -128,7 +128,7 @@ echo "(log: $run_dir/simulator.log)"
 server_dir="$sim_ws/server/simulate_job"
 model="$server_dir/app_server/FL_global_model.pt"
 [ -f "$model" ] || die "no global model was written ($model); see $run_dir/simulator.log"
-read -r acc n_test < <(python "$REPO_ROOT/scripts/evaluate_global_model.py" "$model" "$data_root") \
+read -r acc n_test < <(python -m flctl.evaluate "$model" "$data_root") \
   || die "could not evaluate $model"
 rounds_done=$(grep -c "aggregating .* update(s) at round" "$run_dir/simulator.log" || true)
 [ "$rounds_done" = "$rounds" ] || die "only $rounds_done of $rounds rounds were aggregated; see $run_dir/simulator.log"

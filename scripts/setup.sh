@@ -31,7 +31,7 @@ command -v "$python" >/dev/null || die "$python not found; install Python 3.10+ 
 "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || die "Python 3.10+ needed, found $("$python" --version)"
 
 stamp="$VENV/.requirements-stamp"
-want="$(cat "$REPO_ROOT/requirements.txt" "$reqs" | sha256sum | cut -d' ' -f1)"
+want="$(cat "$REPO_ROOT/requirements.txt" "$reqs" "$REPO_ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   echo "setup: $VENV is up to date"
   exit 0
@@ -43,5 +43,7 @@ fi
 echo "setup: installing $(basename "$reqs") into $VENV (torch alone is several GB the first time)"
 "$VENV/bin/python" -m pip install --quiet --upgrade pip || die "pip upgrade failed"
 "$VENV/bin/python" -m pip install --quiet -r "$reqs" || die "pip install -r $reqs failed"
+# The project's own packages (custom/), editable: scripts, tests and benchmarks import them.
+"$VENV/bin/python" -m pip install --quiet --no-deps -e "$REPO_ROOT" || die "pip install -e $REPO_ROOT failed"
 echo "$want" > "$stamp"
 echo "setup: done"

@@ -4,12 +4,10 @@ from pathlib import Path
 
 import pytest
 
+from flctl import data_prep
+
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "jobs" / "hello-lightning-mlflow"
-for folder in ("custom", "scripts", "tests/site_code"):
-    sys.path.insert(0, str(REPO / folder))
-
-import data_prep  # noqa: E402
 
 ROUNDS, SITES, EPOCHS, BATCH, LOG_EVERY = 2, 2, 1, 32, 10
 
@@ -31,7 +29,7 @@ def run_simulator(job: Path, workspace: Path, sites: int = 2, timeout: int = 600
 @pytest.fixture(scope="session")
 def finished_run(offline_data, tmp_path_factory):
     """One simulator run of the job (2 sites, 2 rounds, offline data), shared by the end-to-end tests."""
-    from configure_job import configure_job
+    from flctl.configure import configure_job
 
     tmp = tmp_path_factory.mktemp("e2e")
     job = configure_job(

@@ -6,10 +6,10 @@ import subprocess
 
 import pytest
 
-from check_job import check_job
-from cifar_data import batches_dir, split_path
-from configure_job import configure_job
 from conftest import JOB, REPO
+from fl_lightning_mlflow.site.data import batches_dir, split_path
+from flctl.check_job import check_job
+from flctl.configure import configure_job
 
 SERVER = "app/config/config_fed_server.json"
 COMPONENTS = {"hello-lightning-mlflow": "11", "hello-pt-mlflow": "12"}
@@ -47,7 +47,7 @@ def one_problem(job, sites=2, data_root=None) -> str:
 def test_the_shipped_jobs_pass(offline_data, job):
     # In a fresh process: the site code must come from the job's own app/custom.
     result = subprocess.run(
-        [shutil.which("python"), str(REPO / "scripts/check_job.py"), str(REPO / "jobs" / job)]
+        [shutil.which("python"), "-m", "flctl.check_job", str(REPO / "jobs" / job)]
         + ["--sites", "2", "--data-root", str(offline_data)],
         capture_output=True,
         text=True,
@@ -179,7 +179,7 @@ def test_a_truncated_data_file(tmp_path, offline_data):
 def test_the_command_line_prints_one_line_per_problem_and_fails(tmp_path, offline_data):
     job = job_copy(tmp_path, offline_data, **{"client.lr": 0})
     result = subprocess.run(
-        [shutil.which("python"), str(REPO / "scripts/check_job.py"), str(job), "--sites", "2"],
+        [shutil.which("python"), "-m", "flctl.check_job", str(job), "--sites", "2"],
         capture_output=True,
         text=True,
         timeout=120,

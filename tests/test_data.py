@@ -6,7 +6,7 @@ import pickle
 import numpy as np
 import pytest
 
-from cifar_data import (
+from fl_lightning_mlflow.site.data import (
     NUM_CLASSES,
     SiteDataError,
     SiteDataModule,
@@ -15,7 +15,7 @@ from cifar_data import (
     read_train_set,
     split_path,
 )
-from data_prep import dirichlet_split, iid_split, label_skew, write_splits
+from flctl.data_prep import dirichlet_split, iid_split, label_skew, write_splits
 
 
 @pytest.fixture(scope="module")

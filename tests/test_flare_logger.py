@@ -8,10 +8,10 @@ import pytest
 import pytorch_lightning as pl
 from nvflare.apis.signal import Signal
 
-from cifar_data import SiteDataModule
-from flare_logger import MAX_PARAMS_PER_RECORD, METRICS, METRICS_BATCH, PARAMS, FlareLogger
-from lightning_executor import AbortOnSignal, TaskAborted
-from lit_cifar import LitCifarNet
+from fl_lightning_mlflow.site.data import SiteDataModule
+from fl_lightning_mlflow.site.executor import AbortOnSignal, TaskAborted
+from fl_lightning_mlflow.site.flare_logger import MAX_PARAMS_PER_RECORD, METRICS, METRICS_BATCH, PARAMS, FlareLogger
+from fl_lightning_mlflow.site.lit_module import LitCifarNet
 
 logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
 

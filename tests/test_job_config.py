@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from configure_job import JobConfigError, configure_job
 from conftest import JOB, REPO
-from lightning_executor import GLOBAL_PREFIX
+from fl_lightning_mlflow.site.executor import GLOBAL_PREFIX
+from flctl.configure import JobConfigError, configure_job
 
 CONFIGS = [JOB / "meta.json", JOB / "app/config/config_fed_server.json", JOB / "app/config/config_fed_client.json"]
 PT_JOB = REPO / "jobs" / "hello-pt-mlflow"
@@ -56,16 +56,14 @@ def test_key_metric_is_one_the_sites_report():
 
 
 @pytest.mark.parametrize("job", ["hello-lightning-mlflow", "hello-pt-mlflow"])
-def test_site_code_is_shipped_as_links_to_custom_not_copies(job):
-    custom = REPO / "custom"
+def test_the_job_carries_the_package_as_one_link_to_custom(job):
+    # One source of truth: app/custom holds a relative link to the package, nothing else; the
+    # command-line package (flctl: data preparation, checks) is not shipped to the sites.
     shipped = REPO / "jobs" / job / "app" / "custom"
-    modules = sorted(p.name for p in custom.glob("*.py"))
-    assert sorted(p.name for p in shipped.iterdir()) == modules
-    for name in modules:
-        link = shipped / name
-        assert link.is_symlink(), f"{link} must be a symlink to custom/{name}"
-        assert link.resolve() == (custom / name).resolve()
-        assert os.readlink(link) == f"../../../../custom/{name}"  # relative: works in any clone
+    assert sorted(p.name for p in shipped.iterdir()) == ["fl_lightning_mlflow"]
+    link = shipped / "fl_lightning_mlflow"
+    assert link.is_symlink() and os.readlink(link) == "../../../../custom/fl_lightning_mlflow"
+    assert link.resolve() == (REPO / "custom" / "fl_lightning_mlflow").resolve()
 
 
 def test_configure_job_sets_variables_on_a_copy(tmp_path):
@@ -73,7 +71,8 @@ def test_configure_job_sets_variables_on_a_copy(tmp_path):
     assert json.loads((dest / "app/config/config_fed_server.json").read_text())["num_rounds"] == 5
     assert json.loads((dest / "app/config/config_fed_client.json").read_text())["data_root"] == "/data"
     assert json.loads(CONFIGS[1].read_text())["num_rounds"] == 2  # the original is untouched
-    assert not (dest / "app/custom/cifar_net.py").is_symlink()  # real files: the copy runs anywhere
+    copied = dest / "app/custom/fl_lightning_mlflow"
+    assert not copied.is_symlink() and (copied / "common/network.py").is_file()  # real files: runs anywhere
 
 
 def test_configure_job_refuses_unknown_variables(tmp_path):
@@ -87,7 +86,7 @@ def test_simulator_concurrency_is_read_from_the_simulator_command_line(tmp_path)
     import time
     from pathlib import Path
 
-    from lightning_executor import simulator_concurrency
+    from fl_lightning_mlflow.site.executor import simulator_concurrency
 
     cases = {("-n", "4", "-t", "2"): 2, ("-n", "2", "-t", "3"): 2, ("--threads=3", "-c", "a,b,c,d"): 3, ("-n", "3"): 1}
     for args, expected in cases.items():
@@ -107,7 +106,7 @@ def test_simulator_concurrency_is_read_from_the_simulator_command_line(tmp_path)
 def test_seeded_initial_global_model_is_reproducible():
     import torch
 
-    from cifar_net import CifarNet
+    from fl_lightning_mlflow.common.network import CifarNet
 
     a, b = CifarNet(init_seed=0).state_dict(), CifarNet(init_seed=0).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -133,9 +132,12 @@ def test_job_template_configures_exactly_what_the_job_does(side):
     assert template == job
 
 
-def test_installable_package_lists_every_site_module():
-    # The pre-installed deployment style (`pip install .` on each site) must ship all of custom/.
+def test_installable_packages_are_found_not_listed():
+    # `pip install .` (the pre-installed deployment style) finds every package under custom/.
+    import setuptools
     import tomllib
 
-    listed = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["py-modules"]
-    assert sorted(listed) == sorted(p.stem for p in (REPO / "custom").glob("*.py"))
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "py-modules" not in config and set(config["packages"]) == {"find"}
+    found = setuptools.find_packages(str(REPO / "custom"))
+    assert {"fl_lightning_mlflow", "fl_lightning_mlflow.site", "fl_lightning_mlflow.server", "flctl"} <= set(found)

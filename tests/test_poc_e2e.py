@@ -18,7 +18,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO, live_processes, tracked_runs
-from mlflow_server import free_port
+from flctl.mlflow_server import free_port
 
 pytestmark = pytest.mark.slow
 CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")

@@ -6,10 +6,10 @@ import re
 
 import pytest
 
-from cifar_data import split_path
-from configure_job import configure_job
 from conftest import BATCH, EPOCHS, JOB, LOG_EVERY, ROUNDS, SITES, run_simulator, tracked_runs
-from evaluate_global_model import global_test_accuracy, load_global_model
+from fl_lightning_mlflow.site.data import split_path
+from flctl.configure import configure_job
+from flctl.evaluate import global_test_accuracy, load_global_model
 
 pytestmark = pytest.mark.slow
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from configure_job import configure_job
 from conftest import JOB, REPO, live_processes, tracked_runs
+from flctl.configure import configure_job
 
 pytestmark = pytest.mark.slow
 TRAIN_TIMEOUT = 20
@@ -49,7 +49,7 @@ def kill_when_training(workspace: Path, site: str, fl_round: int, sim, timeout=3
 
 @pytest.fixture(scope="module")
 def faulty_run(tmp_path_factory):
-    import data_prep
+    from flctl import data_prep
 
     tmp = tmp_path_factory.mktemp("faults")
     data = tmp / "data"
@@ -115,7 +115,7 @@ def test_fedavg_goes_on_without_a_dead_site_and_stops_when_too_few_are_left(faul
 
 
 def test_malformed_names_and_values_from_a_site_are_rejected_with_a_reason(faulty_run):
-    from hostile_site import GOOD_METRIC, LONG_PARAM
+    from site_code.hostile_site import GOOD_METRIC, LONG_PARAM
 
     server, log, _ = faulty_run
     stats = json.loads((server / "mlflow_tracking_stats.json").read_text())

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from configure_job import configure_job
 from conftest import JOB, REPO
-from mlflow_server import free_port
+from flctl.configure import configure_job
+from flctl.mlflow_server import free_port
 
 pytestmark = pytest.mark.slow
 WRONG_PASSWORD = "not-the-password-0123456789"

@@ -11,7 +11,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import ROUNDS, SITES, tracked_runs
-from mlflow_tracking import MAX_KEY_LENGTH, MAX_PARAM_VALUE_LENGTH, STATS_FILE
+from fl_lightning_mlflow.server.tracker import MAX_KEY_LENGTH, MAX_PARAM_VALUE_LENGTH, STATS_FILE
 
 pytestmark = pytest.mark.slow
 
@@ -94,8 +94,8 @@ def test_nothing_lost_and_the_event_thread_never_waited(finished_run):
 
 
 def test_plain_pytorch_job_lands_in_the_same_run_tree(offline_data, tmp_path):
-    from configure_job import configure_job
     from conftest import REPO, run_simulator
+    from flctl.configure import configure_job
 
     job = configure_job(
         REPO / "jobs" / "hello-pt-mlflow", tmp_path / "hello-pt-mlflow", {"client.data_root": str(offline_data)}

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from configure_job import configure_job
 from conftest import JOB
-from mlflow_server import MlflowServer
-from mlflow_tracking import STATS_FILE
+from fl_lightning_mlflow.server.tracker import STATS_FILE
+from flctl.configure import configure_job
+from flctl.mlflow_server import MlflowServer
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 from torch.nn import functional as F
 
-from cifar_net import CifarNet
+from fl_lightning_mlflow.common.network import CifarNet
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cifar_data import (
+from fl_lightning_mlflow.site.data import (
     BATCHES_DIR,
     NUM_CLASSES,
     SPLITS_DIR,

@@ -283,9 +283,8 @@ def _check_job(job: Path, sites: int | None, data_root: str | None, check_data: 
         data_roots = {data_root}
     if sites is None:  # as many as the split was made for; without a split, as many as the job needs
         sites = split_sites(data_roots) or max(min_clients)
-    sys.path.append(str(Path(__file__).resolve().parents[1] / "custom"))  # the data reader, if the job lacks it
     try:
-        from cifar_data import SiteDataError, SiteDataModule
+        from fl_lightning_mlflow.site.data import SiteDataError, SiteDataModule
     except ImportError as e:
         problems.add(job, f"cannot check the sites' data: {type(e).__name__}: {e}")
         return problems, ""

@@ -31,9 +31,9 @@ from nvflare.apis.signal import Signal
 from nvflare.apis.utils.analytix_utils import create_analytic_dxo, send_analytic_dxo
 from nvflare.app_common.app_constant import AppConstants
 
-from cifar_data import SPLITS_DIR, SiteDataError, SiteDataModule
-from flare_logger import METRICS_BATCH, PARAMS, FlareLogger
-from lit_cifar import OPTIMIZERS, LitCifarNet
+from fl_lightning_mlflow.site.data import SPLITS_DIR, SiteDataError, SiteDataModule
+from fl_lightning_mlflow.site.flare_logger import METRICS_BATCH, PARAMS, FlareLogger
+from fl_lightning_mlflow.site.lit_module import OPTIMIZERS, LitCifarNet
 
 STATE_FILE = "site_state.json"  # survives a simulator worker that is restarted between tasks
 BEST_MODEL_FILE = "best_local_model.pt"

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Accuracy of a saved global model on the held-out test batch.
 
-    python scripts/evaluate_global_model.py MODEL.pt DATA_ROOT
+    python -m flctl.evaluate MODEL.pt DATA_ROOT
 
 MODEL.pt is what PTFileModelPersistor writes (FL_global_model.pt, best_FL_global_model.pt).
 """
@@ -11,10 +11,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "custom"))
-
-from cifar_data import SiteDataError, read_test_set, to_tensor  # noqa: E402
-from cifar_net import CifarNet  # noqa: E402
+from fl_lightning_mlflow.common.network import CifarNet
+from fl_lightning_mlflow.site.data import SiteDataError, read_test_set, to_tensor
 
 
 def load_global_model(path) -> CifarNet:

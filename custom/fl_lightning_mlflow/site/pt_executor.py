@@ -12,7 +12,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.signal import Signal
 from torch.nn import functional as F
 
-from lightning_executor import LightningExecutor, TaskAborted
+from fl_lightning_mlflow.site.executor import LightningExecutor, TaskAborted
 
 
 class PTExecutor(LightningExecutor):

@@ -40,7 +40,7 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_opt.tracking.mlflow.mlflow_receiver import MLflowReceiver
 
-from mlflow_writer_queue import USERINFO, WriteQueue
+from fl_lightning_mlflow.server.write_queue import USERINFO, WriteQueue
 
 PARENT = "__parent__"
 STATS_FILE = "mlflow_tracking_stats.json"
@@ -142,7 +142,7 @@ class FederatedMLflowTracker(MLflowReceiver):
         kw_args: dict | None = None,
         events: list | None = None,
         registered_model_name: str = "",
-        model_class_path: str = "cifar_net.CifarNet",
+        model_class_path: str = "fl_lightning_mlflow.common.network.CifarNet",
         fl_params: dict | None = None,
         promote_params: list | None = None,
         description: str = "",
@@ -519,7 +519,8 @@ class FederatedMLflowTracker(MLflowReceiver):
         saved = torch.load(path, map_location="cpu", weights_only=True)
         state = saved.get("model", saved)
         net.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
-        return net.eval(), sys.modules[module].__file__
+        # code_paths takes the whole top-level package, so the pickled class imports where the model loads
+        return net.eval(), str(Path(sys.modules[module.partition(".")[0]].__file__).parent)
 
     def _log_models(self, client, final_path, best_path, best_info, register):
         """Writer thread: final and best global models as MLflow PyTorch models; best one registered."""

@@ -1,0 +1,1 @@
+"""Shared by sites and server: the wire protocol and the network."""

@@ -1,0 +1,1 @@
+"""Site side: the FLARE executor, training engines, Lightning logger and data."""

@@ -1,1 +1,0 @@
-../../../../custom/data_prep.py

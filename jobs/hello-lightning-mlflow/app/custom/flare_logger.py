@@ -1,1 +1,0 @@
-../../../../custom/flare_logger.py

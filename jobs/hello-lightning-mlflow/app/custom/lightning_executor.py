@@ -1,1 +1,0 @@
-../../../../custom/lightning_executor.py

@@ -1,1 +1,0 @@
-../../../../custom/lit_cifar.py

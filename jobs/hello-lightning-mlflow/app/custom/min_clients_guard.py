@@ -1,1 +1,0 @@
-../../../../custom/min_clients_guard.py

@@ -1,1 +1,0 @@
-../../../../custom/mlflow_tracking.py

@@ -1,1 +1,0 @@
-../../../../custom/cifar_net.py

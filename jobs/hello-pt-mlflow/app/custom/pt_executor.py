@@ -1,1 +1,0 @@
-../../../../custom/pt_executor.py
