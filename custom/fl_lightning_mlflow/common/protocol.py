@@ -1,0 +1,60 @@
+"""The wire protocol between the sites and the FL server, in one place.
+
+Sites must not import server code (nor MLflow), and the server must read exactly what sites
+send, so every name both sides use lives here, with MLflow's limits that both respect.
+
+How a metric travels: a LightningModule's self.log() -> site.flare_logger.FlareLogger gathers
+records [step, round, {name: value}] -> about once a second the site executor fires one FLARE
+analytics event (ANALYTIC_EVENT_TYPE) whose DXO carries the last record as its value and all
+of them under kwargs[RECORDS_KWARG] -> FLARE's ConvertToFedEvent forwards it to the server as
+FED_ANALYTIC_EVENT_TYPE -> server.tracker (an MLflowReceiver) checks each record and queues it
+-> server.write_queue writes it to the site's MLflow run in log_batch requests.
+
+What a train result carries besides the weight difference (DXO meta): the metrics of the
+global model the site received, measured on its validation data before local training
+(MetaKey.INITIAL_METRICS, names prefixed GLOBAL_PREFIX), the number of training samples seen
+(MetaKey.NUM_STEPS_CURRENT_ROUND: FedAvg's and the model selector's weight) and the number of
+validation samples (VAL_SAMPLES_META).
+"""
+
+import re
+
+# ----- FLARE events ------------------------------------------------------------------------
+ANALYTIC_EVENT_TYPE = "analytix_log_stats"  # nvflare.apis.analytix.ANALYTIC_EVENT_TYPE
+FED_EVENT_PREFIX = "fed."  # what ConvertToFedEvent prepends on the way to the server
+FED_ANALYTIC_EVENT_TYPE = FED_EVENT_PREFIX + ANALYTIC_EVENT_TYPE
+
+# ----- analytics records: the DXO "tag" says what the value holds ----------------------------
+METRICS = "metrics"  # value {name: number}, one step
+METRICS_BATCH = "metrics_batch"  # kwargs[RECORDS_KWARG]: [[step, round, {name: number}], ...]
+PARAMS = "params"  # value {name: text}
+RECORDS_KWARG = "records"
+
+# ----- train results -------------------------------------------------------------------------
+GLOBAL_PREFIX = "global_"  # the received global model's metrics, before local training
+VAL_SAMPLES_META = "val_samples"  # DXO meta: how many samples a site's metrics were computed on
+# Names the train task reports for the received global model (MetaKey.INITIAL_METRICS): the
+# ones a server-side model selector's key_metric may use (flctl check verifies it).
+REPORTED_METRICS = (f"{GLOBAL_PREFIX}val_acc", f"{GLOBAL_PREFIX}val_loss")
+
+# ----- MLflow's limits, respected by both sides ---------------------------------------------
+MAX_METRICS_PER_BATCH = 1000  # log_batch
+MAX_PARAMS_PER_BATCH = 100
+MAX_TAGS_PER_BATCH = 100
+MAX_KEY_LENGTH = 250  # metric, param and tag names
+MAX_PARAM_VALUE_LENGTH = 6000
+MAX_TAG_VALUE_LENGTH = 8000
+KEY_PATTERN = re.compile(r"^[\w\-. /:]+$")  # what MLflow accepts in a name
+# A site's batch holds about a second of metrics, far fewer; more is a faulty or hostile site.
+MAX_ITEMS_PER_EVENT = 20_000
+
+
+def check_key(key) -> str | None:
+    """Why MLflow would refuse this metric, param or tag name, or None."""
+    if not isinstance(key, str) or not key:
+        return "empty or not a string"
+    if len(key) > MAX_KEY_LENGTH:
+        return f"longer than {MAX_KEY_LENGTH} characters"
+    if not KEY_PATTERN.match(key) or ".." in key.split("/") or key.startswith("/"):
+        return "has characters MLflow does not accept (allowed: letters, digits, _ - . space / :)"
+    return None
