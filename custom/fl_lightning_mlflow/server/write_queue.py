@@ -12,7 +12,6 @@ import collections
 import itertools
 import json
 import logging
-import re
 import threading
 import time
 from pathlib import Path
@@ -20,9 +19,11 @@ from pathlib import Path
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-MAX_METRICS, MAX_PARAMS, MAX_TAGS = 1000, 100, 100  # MLflow's log_batch limits
+from fl_lightning_mlflow.common.protocol import MAX_METRICS_PER_BATCH, MAX_PARAMS_PER_BATCH, MAX_TAGS_PER_BATCH
+from fl_lightning_mlflow.server.tracking_uri import redact_uri
+
 SCAN = 20_000  # how far ahead one request gathers its run's items
-USERINFO = re.compile(r"(?<=://)[^/@\s]*@")
+LIMITS = {"metric": MAX_METRICS_PER_BATCH, "param": MAX_PARAMS_PER_BATCH, "tag": MAX_TAGS_PER_BATCH}
 
 # Queue items: ("metric", run_key, key, value, timestamp_ms, step), ("param", run_key, key, value),
 # ("tag", run_key, key, value), ("call", name, args): a named action run by the owner's handler
@@ -128,12 +129,11 @@ class WriteQueue:
                 self._taken = [0]
                 return [first]
             run_key, counts = first[1], collections.Counter()
-            limits = {"metric": MAX_METRICS, "param": MAX_PARAMS, "tag": MAX_TAGS}
             taken = []
             for i, item in enumerate(itertools.islice(self._memory, SCAN)):
                 if item[0] == "call":
                     break
-                if item[1] == run_key and counts[item[0]] < limits[item[0]]:
+                if item[1] == run_key and counts[item[0]] < LIMITS[item[0]]:
                     counts[item[0]] += 1
                     taken.append(i)
             self._taken = taken
@@ -177,7 +177,7 @@ class WriteQueue:
             except Exception as e:  # any failure: keep the items, back off, retry
                 self.stats["failures"] += 1
                 if str(e) != str(self.last_error):
-                    error = USERINFO.sub("***@", str(e))  # a URI's user:password@ stays out of logs
+                    error = redact_uri(str(e))  # a URI's user:password@ stays out of logs
                     self.log.warning(f"MLflow write failed, will retry (items kept): {type(e).__name__}: {error}")
                 self.last_error = e
                 with self._cond:

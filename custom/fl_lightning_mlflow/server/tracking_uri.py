@@ -1,0 +1,104 @@
+"""The tracking URI: what MLflow accepts, how it is shown, and whether the server lets us in.
+
+check_tracking_uri and redact_uri are plain string checks. probe_tracking_server asks the
+server once, through MLflow's own client (so it sends exactly the credentials and TLS settings
+MLflow will use for the writes), with MLflow's HTTP retries off and a short timeout so a
+missing server costs about a second, not MLflow's default retry window of minutes.
+"""
+
+import http
+import os
+import re
+import threading
+
+SUPPORTED_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+USERINFO = re.compile(r"(?<=://)[^/@\s]*@")  # the user:password@ part of a URI
+ERRNO = re.compile(r"\[Errno -?\d+\][^'\")]*")
+_env_lock = threading.Lock()  # the probe sets MLflow's HTTP settings in os.environ for one call
+
+
+class TrackingConfigError(ValueError):
+    pass
+
+
+def redact_uri(text: str) -> str:
+    """The URI (or any message holding one) without a user:password@ part."""
+    return USERINFO.sub("***@", str(text))
+
+
+def check_tracking_uri(uri: str) -> str:
+    """The URI if MLflow can track to it, else TrackingConfigError with one line saying why."""
+    scheme = uri.split(":", 1)[0].split("+", 1)[0] if ":" in uri else ""
+    shown = redact_uri(uri)
+    if uri.startswith("file:") or scheme == "":
+        raise TrackingConfigError(
+            f"tracking_uri {shown!r}: MLflow >= 3.13 refuses file stores; use sqlite:////abs/path/mlflow.db "
+            "or http://host:port"
+        )
+    if scheme not in SUPPORTED_SCHEMES:
+        raise TrackingConfigError(
+            f"tracking_uri {shown!r}: unsupported scheme {scheme!r}, expected {SUPPORTED_SCHEMES}"
+        )
+    return uri
+
+
+def _network_error(error: BaseException):
+    """The requests/urllib3/OS error behind an MLflow exception, if the request never got an answer."""
+    import requests
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, (requests.exceptions.RequestException, OSError)):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def probe_tracking_server(uri: str, timeout: float = 3.0) -> tuple:
+    """One quick request to an MLflow server: ("ok" | "refused" | "unreachable", detail).
+
+    "refused": HTTP 401/403 (retrying cannot help); "unreachable": no HTTP answer at all
+    (connection, DNS, TLS, timeout); any other HTTP error is the server's problem, which the
+    write queue's retries may outlive, so "ok". The detail never holds a credential.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    settings = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, round(timeout)))}
+    with _env_lock:
+        saved = {name: os.environ.get(name) for name in settings}
+        os.environ.update(settings)
+        try:
+            MlflowClient(uri).search_experiments(max_results=1)
+            return "ok", ""
+        except MlflowException as e:
+            return _verdict(e)
+        except Exception as e:  # noqa: BLE001 - anything else (bad URL, TLS setup): no verdict on credentials
+            return "unreachable", redact_uri(f"{type(e).__name__}: {str(e)[:200]}")
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
+def _verdict(error) -> tuple:
+    network = _network_error(error)
+    if network is not None:
+        found = ERRNO.search(str(network))
+        text = found.group(0).strip() if found else str(network)[:200]
+        return "unreachable", redact_uri(f"{type(network).__name__}: {text}")
+    code = error.get_http_status_code()
+    try:
+        reason = http.HTTPStatus(code).phrase
+    except ValueError:
+        reason = "error"
+    if code in (401, 403):
+        # what MLflow's client sends: basic auth with both set, else a bearer token
+        user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+        sent = bool((user and password) or os.environ.get("MLFLOW_TRACKING_TOKEN"))
+        given = "the credentials were refused" if sent else "no credentials were set"
+        return "refused", f"HTTP {code} {reason}: {given}"
+    return "ok", f"HTTP {code} {reason}"
