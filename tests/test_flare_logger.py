@@ -9,8 +9,9 @@ import pytorch_lightning as pl
 from nvflare.apis.signal import Signal
 
 from fl_lightning_mlflow.site.data import SiteDataModule
-from fl_lightning_mlflow.site.executor import AbortOnSignal, TaskAborted
+from fl_lightning_mlflow.site.engine import TaskAborted
 from fl_lightning_mlflow.site.flare_logger import MAX_PARAMS_PER_RECORD, METRICS, METRICS_BATCH, PARAMS, FlareLogger
+from fl_lightning_mlflow.site.lightning_engine import AbortOnSignal
 from fl_lightning_mlflow.site.lit_module import LitCifarNet
 
 logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from conftest import JOB, REPO
-from fl_lightning_mlflow.site.executor import GLOBAL_PREFIX
+from fl_lightning_mlflow.common.protocol import GLOBAL_PREFIX
 from flctl.configure import JobConfigError, configure_job
 
 CONFIGS = [JOB / "meta.json", JOB / "app/config/config_fed_server.json", JOB / "app/config/config_fed_client.json"]
@@ -86,7 +86,7 @@ def test_simulator_concurrency_is_read_from_the_simulator_command_line(tmp_path)
     import time
     from pathlib import Path
 
-    from fl_lightning_mlflow.site.executor import simulator_concurrency
+    from fl_lightning_mlflow.site.threads import simulator_concurrency
 
     cases = {("-n", "4", "-t", "2"): 2, ("-n", "2", "-t", "3"): 2, ("--threads=3", "-c", "a,b,c,d"): 3, ("-n", "3"): 1}
     for args, expected in cases.items():

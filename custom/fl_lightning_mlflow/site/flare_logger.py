@@ -1,7 +1,8 @@
 """A Lightning Logger that turns every self.log(...) into a FLARE analytics record.
 
-The executor hands it a `send(kind, values, step, round)` callable that fires the FLARE
-event; ConvertToFedEvent forwards it to the server, where MLflowReceiver writes it.
+The Lightning engine hands it the executor's `send(kind, values, step, round)` callable, which
+fires the FLARE event; ConvertToFedEvent forwards it to the server, where MLflowReceiver
+writes it (record kinds and limits: common.protocol).
 Keeping FLARE out of this class keeps its step arithmetic testable on its own.
 
 Steps: Lightning restarts its step count with every Trainer and every validate() call.
@@ -18,11 +19,10 @@ from collections.abc import Callable, Mapping
 from pytorch_lightning.loggers.logger import Logger
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-METRICS = "metrics"
-METRICS_BATCH = "metrics_batch"  # values: [[step, round, {key: value}], ...]
-PARAMS = "params"
-MAX_PARAMS_PER_RECORD = 100  # MLflow's log_batch limit
-MAX_PARAM_VALUE_LENGTH = 6000  # MLflow's limit on a param value
+from fl_lightning_mlflow.common.protocol import MAX_PARAM_VALUE_LENGTH, METRICS, METRICS_BATCH, PARAMS
+from fl_lightning_mlflow.common.protocol import MAX_PARAMS_PER_BATCH as MAX_PARAMS_PER_RECORD
+
+__all__ = ["FlareLogger", "flatten", "METRICS", "METRICS_BATCH", "PARAMS", "MAX_PARAMS_PER_RECORD", "Sender"]
 
 Sender = Callable[[str, dict, int | None, int | None], None]
 

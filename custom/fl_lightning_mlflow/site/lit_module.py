@@ -5,12 +5,10 @@ sends it to MLflow as a param.
 """
 
 import pytorch_lightning as pl
-import torch
 from torch.nn import functional as F
 
 from fl_lightning_mlflow.common.network import CifarNet
-
-OPTIMIZERS = ("sgd", "adam", "adamw")
+from fl_lightning_mlflow.site.engine import OPTIMIZERS, make_optimizer
 
 
 class LitCifarNet(pl.LightningModule):
@@ -50,8 +48,4 @@ class LitCifarNet(pl.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        if hp.optimizer == "sgd":
-            return torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
-        if hp.optimizer == "adam":
-            return torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        return torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        return make_optimizer(self.parameters(), hp.optimizer, hp.lr, hp.momentum, hp.weight_decay)
