@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Check a FLARE job folder offline, before anything starts; one line per problem.
 
-    python scripts/check_job.py JOB_DIR [--sites N] [--data-root DIR] [--no-data]
+    flctl check JOB_DIR [--sites N] [--data-root DIR] [--no-data]
 
 Checks, in order:
   - meta.json, config_fed_server.json and config_fed_client.json parse (file:line:col on error),
@@ -11,8 +10,10 @@ Checks, in order:
     class accepts (with a "did you mean"), none it requires is missing, and the class accepts
     the values (each component is built, as FLARE would, with nested components first);
   - ranges: rounds >= 1, min clients between 1 and the number of sites, timeouts >= 0;
-    the executor's own (epochs, batch size, learning rate) are enforced by its constructor;
-  - the model selector's key_metric is one the sites' executor reports;
+    the site's own (epochs, batch size, learning rate) are enforced by the constructor of the
+    executor or training engine that takes them;
+  - the model selector's key_metric is one the sites report (the reported_metrics of the
+    site's executor or engine, else fl_lightning_mlflow.common.protocol.REPORTED_METRICS);
   - the tracking URI parses (sqlite:////abs.db, http://host:port, ...);
   - for each site (site-1 .. site-N): the data folder, the split and the data files read,
     with the right image shape and labels (--no-data skips this).
@@ -20,45 +21,19 @@ Exits 0 and prints one summary line when the job is fine, else 1 with one line p
 on stderr. Nothing is written anywhere.
 """
 
-import argparse
-import difflib
-import importlib
-import inspect
 import json
-import re
 import sys
 from pathlib import Path
+
+from flctl.build_components import VAR_REF, Problems, build, origin
+from flctl.errors import CliError, positive_int
 
 CONFIGS = {
     "meta": Path("meta.json"),
     "server": Path("app/config/config_fed_server.json"),
     "client": Path("app/config/config_fed_client.json"),
 }
-VAR_REF = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
-# Arguments of FLARE's own classes whose ranges FLARE does not check itself.
-RANGES = {
-    "ScatterAndGather": {"num_rounds": 1, "min_clients": 1, "train_timeout": 0, "start_round": 0},
-    "MinClientsGuard": {"min_clients": 1, "train_timeout": 0},
-    "CrossSiteModelEval": {"submit_model_timeout": 0, "validation_timeout": 0},
-}
 KEY_METRIC_ARG = "key_metric"
-
-
-class Problems(list):
-    """One line per problem; a variable used by several components is reported once."""
-
-    def append(self, line):
-        if line not in self:
-            super().append(line)
-
-    def add(self, where, text):
-        self.append(f"{where}: {text}")
-
-
-def origin(raw, where: str, name: str, path) -> str:
-    """Where a value comes from: the top-level variable it names, else the argument itself."""
-    whole = VAR_REF.fullmatch(raw) if isinstance(raw, str) else None
-    return f"{path}: variable {whole.group(1)}" if whole else f"{where}.args.{name}"
 
 
 def load_json(path: Path, problems: Problems):
@@ -126,74 +101,6 @@ def components(config: dict):
             yield f"executors[{i}].executor", entry["executor"].get("id", "?"), entry["executor"]
 
 
-def import_class(class_path: str):
-    module, _, name = class_path.rpartition(".")
-    if not module:
-        raise ImportError(f"{class_path!r} is not a module.Class path")
-    obj = getattr(importlib.import_module(module), name, None)
-    if obj is None:
-        raise ImportError(f"module {module!r} has no {name!r}")
-    return obj
-
-
-def build(spec: dict, raw: dict, where: str, path, problems: Problems):
-    """Import, check the arguments against the signature, then construct; None on a problem.
-    spec has the variables substituted; raw is as written (to name the variable at fault)."""
-    class_path = spec.get("path") or spec.get("name")
-    if not isinstance(class_path, str):
-        problems.append(f'{where}: no class path ("path")')
-        return None
-    try:
-        cls = import_class(class_path)
-    except Exception as e:  # any import-time failure is the user's to see, in one line
-        problems.append(f"{where}: class path {class_path!r} does not import: {type(e).__name__}: {e}")
-        return None
-    args = spec.get("args") or {}
-    if not isinstance(args, dict):
-        problems.append(f"{where}.args: must be an object, got {type(args).__name__}")
-        return None
-    params = inspect.signature(cls).parameters
-    takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
-    named = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    if takes_any and hasattr(cls, "__mro__"):  # e.g. PTExecutor(**kwargs) -> LightningExecutor
-        for base in cls.__mro__[1:]:
-            if "__init__" in vars(base):
-                named += [n for n in inspect.signature(base).parameters if n not in named and n != "self"]
-                break
-    ok = True
-    for name in args:
-        if name not in named:
-            close = difflib.get_close_matches(name, named, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else f"; it takes {sorted(named)}"
-            problems.append(f"{where}.args: {cls.__name__} has no argument {name!r}{hint}")
-            ok = False
-    for name, p in params.items():
-        if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name not in args:
-            problems.append(f"{where}.args: {cls.__name__} needs argument {name!r}")
-            ok = False
-    raw_args = raw.get("args") if isinstance(raw.get("args"), dict) else {}
-    for name, low in RANGES.get(cls.__name__, {}).items():
-        value = args.get(name)
-        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < low):
-            problems.append(f"{origin(raw_args.get(name), where, name, path)}: {name} must be >= {low}, got {value!r}")
-            ok = False
-    if not ok:
-        return None
-    built = {}
-    for name, value in args.items():  # nested components, e.g. the persistor's model
-        if isinstance(value, dict) and "path" in value:
-            built[name] = build(value, raw_args.get(name) or {}, f"{where}.args.{name}", path, problems)
-            if built[name] is None:
-                return None
-        else:
-            built[name] = value
-    try:
-        return cls(**built)
-    except Exception as e:
-        problems.append(f"{where}: {cls.__name__} refused its arguments: {type(e).__name__}: {e}")
-        return None
-
-
 def site_names(sites: int) -> list:
     return [f"site-{i}" for i in range(1, sites + 1)]
 
@@ -255,10 +162,7 @@ def _check_job(job: Path, sites: int | None, data_root: str | None, check_data: 
         return problems, ""
 
     server_path = job / CONFIGS["server"]
-    reported = set()
-    for (side, _), (obj, _, _) in built.items():
-        if side == "client":
-            reported |= set(getattr(obj, "reported_metrics", ()))
+    reported = reported_metrics([obj for (side, _), (obj, _, _) in built.items() if side == "client"])
     data_roots = set()
     min_clients = [meta_min or 1]
     for (side, cid), (_, spec, raw) in built.items():
@@ -302,6 +206,27 @@ def _check_job(job: Path, sites: int | None, data_root: str | None, check_data: 
     return problems, f"{len(built)} components, data for {checked} site(s)"
 
 
+def reported_metrics(site_objects) -> set:
+    """Names of the metrics the sites report for the received global model: the reported_metrics
+    of the site's executor, of a training engine it holds or of an engine component; for this
+    project's site code without such an attribute, its wire protocol's REPORTED_METRICS."""
+    found, ours = set(), False
+    for obj in site_objects:
+        held = [v for v in vars(obj).values() if hasattr(v, "reported_metrics")] if hasattr(obj, "__dict__") else []
+        for each in (obj, *held):
+            names = getattr(each, "reported_metrics", None)
+            if isinstance(names, (list, tuple, set, frozenset)):
+                found |= {n for n in names if isinstance(n, str)}
+        ours |= type(obj).__module__.startswith("fl_lightning_mlflow.")
+    if not found and ours:
+        try:
+            from fl_lightning_mlflow.common.protocol import REPORTED_METRICS
+        except ImportError:
+            return found
+        found = set(REPORTED_METRICS)
+    return found
+
+
 def split_sites(data_roots) -> int | None:
     for root in data_roots:
         try:
@@ -311,25 +236,42 @@ def split_sites(data_roots) -> int | None:
     return None
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="check_job.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("job", type=Path, help="job folder (holds meta.json and app/)")
-    parser.add_argument("--sites", type=int, help="number of sites that will run (default: from the data split)")
-    parser.add_argument("--data-root", help="data folder (default: the executor's data_root)")
-    parser.add_argument("--no-data", action="store_true", help="skip the per-site data check")
-    args = parser.parse_args(argv)
-    if args.sites is not None and args.sites < 1:
-        print(f"check_job: --sites must be >= 1, got {args.sites}", file=sys.stderr)
-        return 2
+def register(subparsers) -> None:
+    p = subparsers.add_parser("check", help="check a job folder offline (configs, classes, data)", description=__doc__)
+    p.add_argument("job", type=Path, help="job folder (holds meta.json and app/)")
+    p.add_argument("--sites", type=positive_int, help="number of sites that will run (default: from the data split)")
+    p.add_argument("--data-root", help="data folder (default: the site's data_root)")
+    p.add_argument("--no-data", action="store_true", help="skip the per-site data check")
+    p.set_defaults(func=run)
+
+
+def check_or_fail(job, sites, data_root, check_data=True, verdict="the job has the problem(s) above") -> str:
+    """Prints each problem as `flctl check: ...` on stderr and raises CliError(verdict) if any;
+    else returns the summary."""
+    problems, summary = check_job(job, sites, data_root, check_data=check_data)
+    for line in problems:
+        print(f"flctl check: {line}", file=sys.stderr)
+    if problems:
+        sys.stderr.flush()
+        raise CliError(verdict)
+    return summary
+
+
+def run(args) -> int:
     problems, summary = check_job(args.job, args.sites, args.data_root, check_data=not args.no_data)
     for line in problems:
-        print(f"check_job: {line}", file=sys.stderr)
+        print(f"flctl check: {line}", file=sys.stderr)
     if problems:
         return 1
-    print(f"check_job: {args.job} is fine ({summary})")
+    print(f"flctl check: {args.job} is fine ({summary})")
     return 0
+
+
+def main(argv=None) -> int:
+    """As `flctl check ARGS`."""
+    from flctl.cli import main as cli_main
+
+    return cli_main(["check", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

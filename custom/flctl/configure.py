@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Copy a job folder and set its top-level config variables, leaving the original untouched.
 
-    python scripts/configure_job.py SRC_JOB DEST_JOB [server|client|meta].NAME=VALUE ...
+    flctl configure SRC_JOB DEST_JOB [server|client|meta].NAME=VALUE ...
 
 Examples: server.num_rounds=5 client.local_epochs=2 client.data_root=/data meta.min_clients=3
 VALUE is parsed as JSON where it can be (5 -> int, 0.1 -> float), else kept as a string.
@@ -13,6 +12,8 @@ import json
 import shutil
 import sys
 from pathlib import Path
+
+from flctl.errors import CliError, resolve_job
 
 FILES = {
     "server": Path("app/config/config_fed_server.json"),
@@ -59,23 +60,39 @@ def configure_job(src, dest, settings: dict) -> Path:
     return dest
 
 
-def main(argv) -> int:
-    if len(argv) < 2 or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+def parse_settings(items) -> dict:
+    settings = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise JobConfigError(f"setting {item!r}: expected NAME=VALUE")
+        settings[key] = parse_value(value)
+    return settings
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("configure", help="copy a job and set its config variables", description=__doc__)
+    p.add_argument("src", help="job folder, or the name of one under jobs/")
+    p.add_argument("dest", help="where the configured copy goes (replaced if it exists)")
+    p.add_argument("settings", nargs="*", metavar="WHICH.NAME=VALUE", help="e.g. server.num_rounds=5")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
     try:
-        settings = {}
-        for item in argv[2:]:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise JobConfigError(f"setting {item!r}: expected NAME=VALUE")
-            settings[key] = parse_value(value)
-        configure_job(argv[0], argv[1], settings)
+        dest = configure_job(resolve_job(args.src), args.dest, parse_settings(args.settings))
     except JobConfigError as e:
-        print(f"configure_job: {e}", file=sys.stderr)
-        return 2
+        raise CliError(str(e)) from None
+    print(f"configure: {dest}")
     return 0
 
 
+def main(argv=None) -> int:
+    """As `flctl configure ARGS`."""
+    from flctl.cli import main as cli_main
+
+    return cli_main(["configure", *(sys.argv[1:] if argv is None else argv)])
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

@@ -1,15 +1,24 @@
 """Dump what an MLflow store holds for one experiment: runs, params, series point counts,
-registered versions, cross-site cells. For before/after comparisons of a refactor."""
+registered versions, cross-site cells. For before/after comparisons of a refactor.
+
+    flctl contents TRACKING_URI EXPERIMENT
+
+Credentials for a server come from MLFLOW_TRACKING_USERNAME/PASSWORD in the environment.
+"""
 
 import json
 import sys
 
-from mlflow.tracking import MlflowClient
+from flctl.errors import CliError
 
 
 def contents(uri: str, experiment: str) -> dict:
+    from mlflow.tracking import MlflowClient
+
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise CliError(f"no experiment {experiment!r} in {uri}")
     runs = client.search_runs([exp.experiment_id])
     out = {"runs": {}, "registered": {}}
     for run in runs:
@@ -33,5 +42,19 @@ def contents(uri: str, experiment: str) -> dict:
     return out
 
 
+def register(subparsers) -> None:
+    p = subparsers.add_parser("contents", help="dump an MLflow store's runs as JSON", description=__doc__)
+    p.add_argument("uri", help="tracking URI, e.g. sqlite:////abs/mlflow.db or http://127.0.0.1:5000")
+    p.add_argument("experiment", help="experiment name")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    print(json.dumps(contents(args.uri, args.experiment), indent=1, sort_keys=True))
+    return 0
+
+
 if __name__ == "__main__":
-    print(json.dumps(contents(sys.argv[1], sys.argv[2]), indent=1, sort_keys=True))
+    from flctl.cli import main
+
+    sys.exit(main(["contents", *sys.argv[1:]]))

@@ -1,0 +1,5 @@
+import sys
+
+from flctl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,104 @@
+"""Build a job's components as FLARE would, checking each against its class first.
+
+Imports each class path (site code from the job's app/custom first on sys.path, set by the
+caller), checks the arguments against the constructor's signature (with a "did you mean"),
+the ranges FLARE itself does not check, then constructs it, nested components first.
+"""
+
+import difflib
+import importlib
+import inspect
+import re
+
+VAR_REF = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# Arguments of FLARE's own classes whose ranges FLARE does not check itself.
+RANGES = {
+    "ScatterAndGather": {"num_rounds": 1, "min_clients": 1, "train_timeout": 0, "start_round": 0},
+    "MinClientsGuard": {"min_clients": 1, "train_timeout": 0},
+    "CrossSiteModelEval": {"submit_model_timeout": 0, "validation_timeout": 0},
+}
+
+
+class Problems(list):
+    """One line per problem; a variable used by several components is reported once."""
+
+    def append(self, line):
+        if line not in self:
+            super().append(line)
+
+    def add(self, where, text):
+        self.append(f"{where}: {text}")
+
+
+def origin(raw, where: str, name: str, path) -> str:
+    """Where a value comes from: the top-level variable it names, else the argument itself."""
+    whole = VAR_REF.fullmatch(raw) if isinstance(raw, str) else None
+    return f"{path}: variable {whole.group(1)}" if whole else f"{where}.args.{name}"
+
+
+def import_class(class_path: str):
+    module, _, name = class_path.rpartition(".")
+    if not module:
+        raise ImportError(f"{class_path!r} is not a module.Class path")
+    obj = getattr(importlib.import_module(module), name, None)
+    if obj is None:
+        raise ImportError(f"module {module!r} has no {name!r}")
+    return obj
+
+
+def build(spec: dict, raw: dict, where: str, path, problems: Problems):
+    """Import, check the arguments against the signature, then construct; None on a problem.
+    spec has the variables substituted; raw is as written (to name the variable at fault)."""
+    class_path = spec.get("path") or spec.get("name")
+    if not isinstance(class_path, str):
+        problems.append(f'{where}: no class path ("path")')
+        return None
+    try:
+        cls = import_class(class_path)
+    except Exception as e:  # any import-time failure is the user's to see, in one line
+        problems.append(f"{where}: class path {class_path!r} does not import: {type(e).__name__}: {e}")
+        return None
+    args = spec.get("args") or {}
+    if not isinstance(args, dict):
+        problems.append(f"{where}.args: must be an object, got {type(args).__name__}")
+        return None
+    params = inspect.signature(cls).parameters
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    named = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if takes_any and hasattr(cls, "__mro__"):  # e.g. PTExecutor(**kwargs) -> LightningExecutor
+        for base in cls.__mro__[1:]:
+            if "__init__" in vars(base):
+                named += [n for n in inspect.signature(base).parameters if n not in named and n != "self"]
+                break
+    ok = True
+    for name in args:
+        if name not in named:
+            close = difflib.get_close_matches(name, named, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f"; it takes {sorted(named)}"
+            problems.append(f"{where}.args: {cls.__name__} has no argument {name!r}{hint}")
+            ok = False
+    for name, p in params.items():
+        if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name not in args:
+            problems.append(f"{where}.args: {cls.__name__} needs argument {name!r}")
+            ok = False
+    raw_args = raw.get("args") if isinstance(raw.get("args"), dict) else {}
+    for name, low in RANGES.get(cls.__name__, {}).items():
+        value = args.get(name)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < low):
+            problems.append(f"{origin(raw_args.get(name), where, name, path)}: {name} must be >= {low}, got {value!r}")
+            ok = False
+    if not ok:
+        return None
+    built = {}
+    for name, value in args.items():  # nested components, e.g. the persistor's model
+        if isinstance(value, dict) and "path" in value:
+            built[name] = build(value, raw_args.get(name) or {}, f"{where}.args.{name}", path, problems)
+            if built[name] is None:
+                return None
+        else:
+            built[name] = value
+    try:
+        return cls(**built)
+    except Exception as e:
+        problems.append(f"{where}: {cls.__name__} refused its arguments: {type(e).__name__}: {e}")
+        return None

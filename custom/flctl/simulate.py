@@ -1,0 +1,227 @@
+"""Run a job in the FLARE simulator, from data to verdict.
+
+    flctl simulate [--job NAME|DIR] [--offline] [--sites N] [--rounds R] [--epochs E] ...
+
+Prepares the data and the per-site split when the split on disk is not the one asked for,
+configures a copy of the job (the job's own folder is never edited), checks it (flctl check)
+and starts nothing when it has a problem, runs `nvflare simulator`, then judges the run from
+what it left (the tracker's stats file, the global model files, the rounds on the federation's
+MLflow run), prints the final global model's test accuracy, where the MLflow data is and how
+to view it. Each run gets its own folder WORKSPACE/runs/<time>; WORKSPACE/latest points to it.
+"""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from flctl import data_prep
+from flctl.check_job import check_or_fail
+from flctl.configure import JobConfigError, configure_job
+from flctl.errors import DEFAULT_JOB, CliError, default_data_root, positive_int, resolve_job
+from flctl.outcome import Outcome, judge
+
+# Shown while the simulator runs (display only: the verdict comes from flctl.outcome).
+PROGRESS = re.compile(r"round \d+:|aggregating|new best|ERROR")
+
+
+@dataclass
+class Simulation:
+    run_dir: Path
+    job: Path
+    server_dir: Path
+    returncode: int
+    log: str
+    outcome: Outcome | None = None
+    accuracy: float | None = None
+    n_test: int | None = None
+
+
+def nvflare_simulator(
+    job, workspace, sites: int, threads=None, gpu=None, log_path=None, show=None, env=None, timeout=None
+) -> subprocess.CompletedProcess:
+    """`nvflare simulator JOB -n SITES -t THREADS -w WORKSPACE`, in its own process group (ended
+    with everything it started on any way out); output to log_path and returned, lines matching
+    show echoed as they come."""
+    cmd = [str(Path(sys.executable).parent / "nvflare"), "simulator", str(job), "-n", str(sites)]
+    cmd += ["-t", str(threads or sites), "-w", str(workspace)] + (["-gpu", str(gpu)] if gpu is not None else [])
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+    )
+    deadline = time.monotonic() + timeout if timeout else None
+    lines = []
+    log = open(log_path, "w") if log_path else None
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if log:
+                log.write(line)
+            if show and show.search(line):
+                print(line.rstrip()[:300], flush=True)
+            if deadline and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(cmd, timeout)
+        proc.wait()
+    finally:
+        if log:
+            log.close()
+        if proc.poll() is None:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(proc.pid, sig)
+                    proc.wait(10)
+                    break
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    continue
+    return subprocess.CompletedProcess(cmd, proc.returncode, "".join(lines), "")
+
+
+def ensure_data(data_root, sites, alpha=None, seed=0, offline=False, say=print) -> None:
+    if data_prep.split_matches(data_root, sites, alpha, seed):
+        say(f"data: using the existing {sites}-site split in {Path(data_root) / 'splits'}")
+    else:
+        data_prep.prepare(data_root, sites, alpha, seed, offline=offline, say=say)
+
+
+def job_settings(sites, rounds, epochs, data_root, tracking_uri=None, experiment=None, extra=None) -> dict:
+    settings = {
+        "server.num_rounds": rounds,
+        "server.min_clients": sites,
+        "meta.min_clients": sites,
+        "client.local_epochs": epochs,
+        "client.data_root": str(data_root),
+    }
+    if tracking_uri:
+        settings["server.tracking_uri"] = tracking_uri
+    if experiment:
+        settings["server.experiment_name"] = experiment
+    return {**settings, **(extra or {})}
+
+
+def simulate(
+    job="hello-lightning-mlflow",
+    workspace="/tmp/nvflare/hello-lightning-mlflow",
+    data_root=None,
+    sites=2,
+    rounds=2,
+    epochs=1,
+    alpha=None,
+    seed=0,
+    offline=False,
+    tracking_uri=None,
+    experiment=None,
+    threads=None,
+    gpu=None,
+    extra_settings=None,
+    prepare=True,
+    check=True,
+    evaluate=True,
+    say=print,
+    show=PROGRESS,
+    env=None,
+    timeout=None,
+) -> Simulation:
+    """The whole run; CliError on a failure before the simulator starts or a failed run."""
+    job_src = resolve_job(job)
+    data_root = default_data_root(data_root, offline)
+    workspace = Path(workspace).expanduser().resolve()
+    if prepare:
+        ensure_data(data_root, sites, alpha, seed, offline, say)
+    run_dir = workspace / "runs" / f"{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    latest = workspace / "latest"
+    latest.unlink(missing_ok=True)
+    latest.symlink_to(run_dir)
+    settings = job_settings(sites, rounds, epochs, data_root, tracking_uri, experiment, extra_settings)
+    try:
+        job_copy = configure_job(job_src, run_dir / "job" / job_src.name, settings)
+    except JobConfigError as e:
+        raise CliError(f"could not configure the job: {e}") from None
+    if check:
+        verdict = f"the job has the problem(s) above; nothing was started (job copy: {job_copy})"
+        say(f"check: {job_copy} is fine ({check_or_fail(job_copy, sites, None, verdict=verdict)})")
+    sim_ws = run_dir / "simulator"
+    log_path = run_dir / "simulator.log"
+    say(f"running: nvflare simulator {job_copy} -n {sites} -t {threads or sites} -w {sim_ws}")
+    say(f"(log: {log_path})")
+    result = nvflare_simulator(job_copy, sim_ws, sites, threads, gpu, log_path, show, env, timeout)
+    run = Simulation(run_dir, job_copy, sim_ws / "server" / "simulate_job", result.returncode, result.stdout)
+    if result.returncode != 0:
+        raise CliError(f"the simulator failed (exit {result.returncode}); see {log_path}")
+    run.outcome = judge(run.server_dir, rounds, tracking_uri)
+    if run.outcome.model is None:  # nothing to evaluate
+        raise CliError(f"{run.outcome.problems[0]}; see {log_path}")
+    if evaluate:
+        from flctl.evaluate import evaluate as evaluate_model
+
+        run.accuracy, run.n_test = evaluate_model(run.outcome.model, data_root)
+    return run
+
+
+def report(run: Simulation, tracking_uri, started: float, what: str) -> None:
+    o = run.outcome
+    print(f"\ndone in {time.monotonic() - started:.0f} s: {what}")
+    if run.accuracy is not None:
+        print(f"final global model test accuracy: {run.accuracy:.4f} on {run.n_test} held-out images")
+    print(f"global models:  {o.model}")
+    if o.best_model:
+        print(f"                {o.best_model}")
+    if o.stats is not None:
+        rounds = f"; {o.rounds_done} round(s) logged" if o.rounds_done is not None else ""
+        print(f"MLflow runs:     status {o.stats.get('status')}; {o.written} items written, {o.lost} lost{rounds}")
+    if not tracking_uri:
+        db = run.server_dir / "mlflow.db"
+        print(f"MLflow database: {db}")
+        print(f"view it with:    mlflow ui --backend-store-uri sqlite:///{db}")
+    else:
+        print(f"MLflow tracking: {tracking_uri}")
+        if tracking_uri.startswith("sqlite:"):
+            print(f"view it with:    mlflow ui --backend-store-uri {tracking_uri}")
+        else:
+            print(f"view it at:      {tracking_uri}")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("simulate", help="run a job in the FLARE simulator", description=__doc__)
+    p.add_argument("--job", default=DEFAULT_JOB, help="job under jobs/ or a job folder (default %(default)s)")
+    p.add_argument("--offline", action="store_true", help="the offline dataset instead of CIFAR-10")
+    p.add_argument("--sites", type=positive_int, default=2, help="number of sites (default 2)")
+    p.add_argument("--rounds", type=positive_int, default=2, help="FL rounds (default 2)")
+    p.add_argument("--epochs", type=positive_int, default=1, help="local epochs per round (default 1)")
+    p.add_argument("--alpha", type=float, help="Dirichlet non-IID split with concentration A (default: IID)")
+    p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    p.add_argument("--data-root", help="data folder (default /tmp/nvflare/data/cifar10 or .../offline-cifar10)")
+    p.add_argument("--workspace", default="/tmp/nvflare/hello-lightning-mlflow", help="where runs go")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: mlflow.db in the server's job folder)")
+    p.add_argument("--experiment", help="MLflow experiment name (default: the job's)")
+    p.add_argument("--threads", type=positive_int, help="sites the simulator runs at once (default: all)")
+    p.add_argument("--gpu", help="GPU ids for the simulator's -gpu option, e.g. 0")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    started = time.monotonic()
+    sim = simulate(
+        args.job,
+        args.workspace,
+        args.data_root,
+        args.sites,
+        args.rounds,
+        args.epochs,
+        args.alpha,
+        args.seed,
+        args.offline,
+        args.tracking_uri,
+        args.experiment,
+        args.threads,
+        args.gpu,
+    )
+    what = f"{sim.job.name}, {args.sites} sites x {args.rounds} rounds x {args.epochs} epoch(s)"
+    report(sim, args.tracking_uri, started, what)
+    if not sim.outcome.ok:
+        raise CliError("; ".join(sim.outcome.problems) + f" (log: {sim.run_dir / 'simulator.log'})")
+    return 0

@@ -1,0 +1,143 @@
+"""flctl's command line: one-line errors, configure, check, the MLflow-server launcher. Fast."""
+
+import json
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import pytest
+
+from conftest import JOB, REPO, live_processes
+from flctl.cli import main
+from flctl.mlflow_server import MlflowServer, free_port
+
+CLIENT = "app/config/config_fed_client.json"
+
+
+def flctl(*args, timeout=120):
+    return subprocess.run(
+        [sys.executable, "-m", "flctl", *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["simulate", "--sites", "0"], "flctl simulate: argument --sites: must be a positive integer, got '0'"),
+        (["poc", "launch"], "flctl poc: argument command: invalid choice: 'launch'"),
+        (["mlflow-server", "--port", "70000", "start"], "flctl mlflow-server: argument --port: must be 1-65535"),
+        (["prepare-data", "--bogus"], "flctl prepare-data: unrecognized arguments: --bogus"),
+        (["nonsense"], "flctl: argument SUBCOMMAND: invalid choice: 'nonsense'"),
+        ([], "flctl: no subcommand given"),
+    ],
+)
+def test_argument_errors_are_one_line_and_fail(args, expected, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith(expected), err
+
+
+def test_a_failure_is_one_line_on_stderr(tmp_path, capsys):
+    missing = tmp_path / "no-job"
+    assert main(["simulate", "--job", str(missing)]) == 1
+    assert (
+        capsys.readouterr().err == f"flctl simulate: no job folder jobs/{missing} or {missing} (see ls {REPO}/jobs)\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "sub", ["prepare-data", "configure", "check", "simulate", "poc", "mlflow-server", "evaluate", "contents"]
+)
+def test_help_everywhere(sub, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([sub, "--help"])
+    assert exit_.value.code == 0 and f"usage: flctl {sub}" in capsys.readouterr().out
+
+
+def test_configure_copies_and_sets_variables(tmp_path, capsys):
+    dest = tmp_path / "job"
+    assert main(["configure", str(JOB), str(dest), "server.num_rounds=5", "client.lr=0.05"]) == 0
+    assert json.loads((dest / "app/config/config_fed_server.json").read_text())["num_rounds"] == 5
+    assert json.loads((dest / CLIENT).read_text())["lr"] == 0.05
+    assert main(["configure", "hello-lightning-mlflow", str(dest), "client.learning_rate=1"]) == 1
+    (err,) = capsys.readouterr().err.splitlines()
+    assert err.startswith("flctl configure: setting 'client.learning_rate': ") and "has no variable" in err
+
+
+def test_check_refuses_a_bad_job_with_one_line_per_problem(tmp_path):
+    job = tmp_path / "job"
+    assert main(["configure", str(JOB), str(job), "server.num_rounds=0"]) == 0
+    (job / CLIENT).write_text('{\n  "local_epochs": 1,,\n}\n')
+    result = flctl("check", job, "--no-data")
+    assert result.returncode == 1 and result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line == f"flctl check: {job / CLIENT}:2:21: invalid JSON: Expecting property name enclosed in double quotes"
+
+
+def test_scripts_pass_errors_through_as_one_line():
+    result = subprocess.run(
+        ["bash", str(REPO / "scripts/run_simulator.sh"), "--rounds", "zero"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("flctl simulate: argument --rounds: must be a positive")
+
+
+def server_processes(folder) -> dict:
+    return {pid: argv for pid, argv in live_processes().items() if any(str(folder) in a for a in argv)}
+
+
+def test_mlflow_server_start_status_stop_with_auth_over_a_stale_pid_file(tmp_path):
+    folder, port = tmp_path / "mlflow-server", free_port()
+    folder.mkdir()
+    stranger = subprocess.Popen(["sleep", "60"])  # a PID file naming someone else's process (PID reuse)
+    (folder / "server.pid").write_text(f"{stranger.pid}\n")
+    try:
+        started = flctl("mlflow-server", "--dir", folder, "--port", port, "start")
+        assert started.returncode == 0, started.stderr
+        assert "removing stale PID file" in started.stdout and stranger.poll() is None  # not signalled
+        for name in ("credentials", "auth.ini", "server.env"):
+            assert (folder / name).stat().st_mode & 0o777 == 0o600, name
+        password = (folder / "credentials").read_text().split("MLFLOW_TRACKING_PASSWORD=")[1].strip()
+        assert not [argv for argv in server_processes(folder).values() if password in " ".join(argv)]
+        again = flctl("mlflow-server", "--dir", folder, "--port", port, "start")
+        assert again.returncode == 0 and "already running" in again.stdout  # idempotent
+        status = flctl("mlflow-server", "--dir", folder, "status")
+        assert status.returncode == 0 and f"at http://127.0.0.1:{port}" in status.stdout
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search",
+            data=b"{}",
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 401
+    finally:
+        stopped = flctl("mlflow-server", "--dir", folder, "stop")
+        stranger.kill()
+        stranger.wait()
+    assert stopped.returncode == 0 and stopped.stdout.strip() == "mlflow-server: stopped"
+    assert not (folder / "server.pid").exists() and server_processes(folder) == {}
+    status = flctl("mlflow-server", "--dir", folder, "status")
+    assert status.returncode == 3 and status.stdout.strip() == "mlflow-server: not running"
+
+
+def test_stop_never_signals_a_process_that_is_not_the_server(tmp_path):
+    folder = tmp_path / "mlflow-server"
+    folder.mkdir()
+    stranger = subprocess.Popen(["sleep", "60"])
+    (folder / "server.pid").write_text(f"{stranger.pid}\n")
+    try:
+        assert MlflowServer(folder).stop() is False
+        assert stranger.poll() is None and not (folder / "server.pid").exists()
+    finally:
+        stranger.kill()
+        stranger.wait()
+    (folder / "server.pid").write_text("999999999\n")  # a dead PID
+    assert MlflowServer(folder).running_pid() is None
