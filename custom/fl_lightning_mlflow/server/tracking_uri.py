@@ -14,6 +14,7 @@ import threading
 SUPPORTED_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
 USERINFO = re.compile(r"(?<=://)[^/@\s]*@")  # the user:password@ part of a URI
 ERRNO = re.compile(r"\[Errno -?\d+\][^'\")]*")
+RETRIED_STATUS = re.compile(r"too many (\d{3}) error responses")
 _env_lock = threading.Lock()  # the probe sets MLflow's HTTP settings in os.environ for one call
 
 
@@ -84,21 +85,29 @@ def probe_tracking_server(uri: str, timeout: float = 3.0) -> tuple:
                     os.environ[name] = value
 
 
+def _status_text(code: int) -> str:
+    try:
+        return f"HTTP {code} {http.HTTPStatus(code).phrase}"
+    except ValueError:
+        return f"HTTP {code}"
+
+
 def _verdict(error) -> tuple:
     network = _network_error(error)
     if network is not None:
+        # A status MLflow retries (429, 5xx) ends as a "retry" error: no MLflow behind the address.
+        retried = RETRIED_STATUS.search(str(network))
+        if retried:
+            return "unreachable", _status_text(int(retried.group(1)))
         found = ERRNO.search(str(network))
         text = found.group(0).strip() if found else str(network)[:200]
         return "unreachable", redact_uri(f"{type(network).__name__}: {text}")
+    # MLflow's status: the HTTP one, or the one its JSON error body names (UNAUTHENTICATED: 401).
     code = error.get_http_status_code()
-    try:
-        reason = http.HTTPStatus(code).phrase
-    except ValueError:
-        reason = "error"
     if code in (401, 403):
         # what MLflow's client sends: basic auth with both set, else a bearer token
         user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
         sent = bool((user and password) or os.environ.get("MLFLOW_TRACKING_TOKEN"))
         given = "the credentials were refused" if sent else "no credentials were set"
-        return "refused", f"HTTP {code} {reason}: {given}"
-    return "ok", f"HTTP {code} {reason}"
+        return "refused", f"{_status_text(code)}: {given}"
+    return "ok", _status_text(code)

@@ -1,0 +1,139 @@
+"""Tracking URI checks, redaction, and the start-of-job probe through MLflow's own client against
+real sockets: a closed port, and a small local HTTP server answering as an auth proxy would."""
+
+import http.server
+import json
+import os
+import socket
+import threading
+import time
+
+import mlflow.tracking  # noqa: F401 - imported up front so the probe timings measure the probe only
+import pytest
+
+from fl_lightning_mlflow.server.tracking_uri import (
+    TrackingConfigError,
+    check_tracking_uri,
+    probe_tracking_server,
+    redact_uri,
+)
+
+CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+
+
+@pytest.fixture(autouse=True)
+def no_credentials(monkeypatch):
+    for name in CREDENTIALS:
+        monkeypatch.delenv(name, raising=False)
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def answering(request):
+    """A local HTTP server that answers every request with (status, body): plain text as MLflow's
+    basic-auth layer answers, or JSON as MLflow itself does. Yields its URI."""
+    status, body = request.param
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            data = (json.dumps(body) if isinstance(body, dict) else body).encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize(
+    "uri",
+    ["sqlite:////tmp/x/mlflow.db", "http://127.0.0.1:5000", "https://mlflow.example.org", "postgresql+psycopg2://h/db"],
+)
+def test_uris_mlflow_can_track_to_are_accepted(uri):
+    assert check_tracking_uri(uri) == uri
+
+
+@pytest.mark.parametrize(
+    ("uri", "why"),
+    [
+        ("file:///tmp/mlruns", "MLflow >= 3.13 refuses file stores"),
+        ("/tmp/mlruns", "MLflow >= 3.13 refuses file stores"),
+        ("ftp://user:pw-123@host/x", "unsupported scheme 'ftp'"),
+    ],
+)
+def test_other_uris_are_refused_with_one_line_and_no_credentials(uri, why):
+    with pytest.raises(TrackingConfigError) as refused:
+        check_tracking_uri(uri)
+    message = str(refused.value)
+    assert why in message and "\n" not in message and "pw-123" not in message
+
+
+def test_redaction_drops_only_the_user_info():
+    assert redact_uri("https://admin:secret@mlflow.example.org:5000/x") == "https://***@mlflow.example.org:5000/x"
+    assert redact_uri("see http://tok@h:1 and http://h:2") == "see http://***@h:1 and http://h:2"
+    assert redact_uri("sqlite:////tmp/a.db") == "sqlite:////tmp/a.db"
+
+
+def test_a_closed_port_is_unreachable_at_once_and_mlflows_settings_are_restored(monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
+    started = time.monotonic()
+    verdict, detail = probe_tracking_server(f"http://user:pw-123@127.0.0.1:{closed_port()}")
+    assert time.monotonic() - started < 3  # no retry window (MLflow's default: minutes)
+    assert verdict == "unreachable" and "Connection refused" in detail and "pw-123" not in detail
+    assert "\n" not in detail
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "7" and "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ
+
+
+NOT_AUTHENTICATED = (401, "You are not authenticated. Please see the documentation.")
+
+
+@pytest.mark.parametrize("answering", [NOT_AUTHENTICATED], indirect=True)
+def test_401_without_credentials_is_refused_and_says_none_were_set(answering):
+    assert probe_tracking_server(answering) == ("refused", "HTTP 401 Unauthorized: no credentials were set")
+
+
+@pytest.mark.parametrize("answering", [NOT_AUTHENTICATED], indirect=True)
+def test_401_with_credentials_is_refused_and_never_shows_them(answering, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "pw-123")
+    assert probe_tracking_server(answering) == ("refused", "HTTP 401 Unauthorized: the credentials were refused")
+
+
+@pytest.mark.parametrize(
+    "answering", [(403, {"error_code": "PERMISSION_DENIED", "message": "no access"})], indirect=True
+)
+def test_mlflows_own_permission_error_is_refused(answering, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "tok-123")
+    assert probe_tracking_server(answering) == ("refused", "HTTP 403 Forbidden: the credentials were refused")
+
+
+@pytest.mark.parametrize("answering", [(200, {"experiments": []})], indirect=True)
+def test_a_server_that_answers_is_ok(answering):
+    assert probe_tracking_server(answering) == ("ok", "")
+
+
+@pytest.mark.parametrize("answering", [(404, "not here")], indirect=True)
+def test_a_server_side_error_is_not_a_verdict_on_the_credentials(answering):
+    assert probe_tracking_server(answering) == ("ok", "HTTP 404 Not Found")
+
+
+@pytest.mark.parametrize("answering", [(503, "backend down")], indirect=True)
+def test_a_proxy_without_mlflow_behind_it_is_unreachable_at_once(answering):
+    started = time.monotonic()
+    assert probe_tracking_server(answering) == ("unreachable", "HTTP 503 Service Unavailable")
+    assert time.monotonic() - started < 3  # MLflow's retries of 503 are off for the probe
