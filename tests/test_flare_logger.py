@@ -87,7 +87,7 @@ def test_real_trainers_over_two_rounds_give_strictly_increasing_steps(offline_da
     for fl_round in range(2):
         log.round = fl_round
         log.key_prefix = "global_"
-        pl.Trainer(logger=log, enable_progress_bar=False, enable_model_summary=False).validate(
+        pl.Trainer(logger=log, limit_val_batches=3, enable_progress_bar=False, enable_model_summary=False).validate(
             model, datamodule=data, verbose=False
         )
         log.key_prefix = ""
@@ -95,6 +95,8 @@ def test_real_trainers_over_two_rounds_give_strictly_increasing_steps(offline_da
             max_epochs=2,
             logger=log,
             log_every_n_steps=5,
+            limit_train_batches=12,  # a few batches show the step arithmetic as well as all of them
+            limit_val_batches=3,
             num_sanity_val_steps=0,
             enable_checkpointing=False,
             enable_progress_bar=False,
@@ -102,6 +104,7 @@ def test_real_trainers_over_two_rounds_give_strictly_increasing_steps(offline_da
         )
         trainer.fit(model, datamodule=data)
         log.advance(trainer.global_step, 2)
+        assert trainer.global_step == 24
     steps = rec.steps()
     for key, series in steps.items():
         assert all(b > a for a, b in zip(series, series[1:], strict=False)), (key, series)

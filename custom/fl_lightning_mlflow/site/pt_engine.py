@@ -146,7 +146,7 @@ class PTEngine(SiteEngine):
                 optimizer.step()
                 if (i + 1) % a.log_every_n_steps == 0:
                     acc = float((logits.argmax(dim=1) == y).float().mean())
-                    self._log({"train_loss": float(loss), "train_acc": acc}, step=self.step)
+                    self._log({"train_loss": loss.item(), "train_acc": acc}, step=self.step)
                 self.step += 1
             local = self._evaluate(abort_signal)
             # The call FLARE's MLflowWriter offers, as in mlflow: one metric, explicit step.

@@ -38,8 +38,11 @@ def usable_cores() -> int:
 
 
 def sites_on_this_host(simulate: bool = False, worker_argv=None) -> int:
-    if os.environ.get(SITES_PER_HOST_ENV):
-        return max(1, int(os.environ[SITES_PER_HOST_ENV]))
+    value = os.environ.get(SITES_PER_HOST_ENV, "").strip()
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"{SITES_PER_HOST_ENV} must be an integer >= 1, got {value!r}")
+        return int(value)
     if not simulate:
         return 1
     return simulator_concurrency(sys.argv if worker_argv is None else worker_argv)
