@@ -14,7 +14,6 @@ import os
 import platform
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,8 +25,9 @@ import torch
 
 from fl_lightning_mlflow.site.data import SiteDataModule, read_train_set, split_path, tensor_dataset
 from flctl import data_prep
-from flctl.configure import configure_job
+from flctl.errors import CliError
 from flctl.evaluate import global_test_accuracy, load_global_model
+from flctl.simulate import simulate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -118,34 +118,40 @@ def quiet_trainer(**kwargs):
 
 # ----- 2./3. the federated job in the simulator ----------------------------------------------------
 def federated(work: Path, data_root, sites, rounds, epochs, tracking=True, log_every=10, name="fed"):
+    """flctl simulate's own path (configure a copy, run, judge from the tracker's stats file and
+    FLARE's model files); the log's time stamps only measure where the time went."""
     run_dir = work / name
     shutil.rmtree(run_dir, ignore_errors=True)
-    settings = {
-        "server.num_rounds": rounds,
-        "server.min_clients": sites,
-        "meta.min_clients": sites,
-        "client.data_root": str(data_root),
-        "client.local_epochs": epochs,
-        "client.tracking": tracking,
-        "client.log_every_n_steps": log_every,
-    }
-    job = configure_job(JOB, run_dir / "job" / "hello-lightning-mlflow", settings)
-    nvflare = str(Path(sys.executable).parent / "nvflare")
-    cmd = [nvflare, "simulator", str(job), "-n", str(sites), "-t", str(sites), "-w", str(run_dir / "ws")]
+    extra = {"client.tracking": tracking, "client.log_every_n_steps": log_every}
     started = time.time()
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        run = simulate(
+            JOB,
+            run_dir,
+            data_root,
+            sites,
+            rounds,
+            epochs,
+            extra_settings=extra,
+            prepare=False,
+            check=False,
+            evaluate=False,
+            say=lambda msg: None,
+            show=None,
+        )
+    except CliError as e:
+        raise RuntimeError(f"simulator failed ({name}): {e}") from None
     ended = time.time()
-    log = result.stdout + result.stderr
-    (run_dir / "simulator.log").write_text(log)
-    if result.returncode != 0 or "aggregating" not in log:
-        raise RuntimeError(f"simulator failed ({name}); see {run_dir / 'simulator.log'}")
+    if not run.outcome.ok:
+        raise RuntimeError(f"simulator run {name} failed: {'; '.join(run.outcome.problems)}; see {run.run_dir}")
+    log = run.log
     lines = log.splitlines()
     first_train = min(log_time(ln) for ln in lines if "training starts" in ln)
     last_agg = max(log_time(ln) for ln in lines if re.search(r"aggregating \d+ update\(s\) at round", ln))
     fit = [float(x) for x in re.findall(r"steps in ([\d.]+) s", log)]
     site_task = [float(x) for x in re.findall(r"train task took ([\d.]+) s", log)]
-    server = run_dir / "ws" / "server" / "simulate_job"
-    acc, _ = global_test_accuracy(load_global_model(server / "app_server" / "FL_global_model.pt"), data_root)
+    server = run.server_dir
+    acc, _ = global_test_accuracy(load_global_model(run.outcome.model), data_root)
     out = {
         "wall_s": ended - started,
         "startup_s": first_train - started,
@@ -155,9 +161,8 @@ def federated(work: Path, data_root, sites, rounds, epochs, tracking=True, log_e
         "site_train_task_s": sum(site_task),
         "test_acc": acc,
     }
-    stats_file = server / "mlflow_tracking_stats.json"
-    if stats_file.exists():
-        stats = json.loads(stats_file.read_text())
+    stats = run.outcome.stats
+    if stats is not None:
         out["tracked_points"] = sum(c.get("metric", 0) for c in stats["received"].values())
         out["lost"] = sum(stats["lost"].values())
         out["max_event_ms"] = stats["max_event_seconds"] * 1000

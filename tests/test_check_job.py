@@ -1,4 +1,4 @@
-"""scripts/check_job.py: bad configuration and bad data, refused offline with one clear line each."""
+"""flctl check: bad configuration and bad data, refused offline with one clear line each."""
 
 import json
 import shutil
@@ -47,7 +47,7 @@ def one_problem(job, sites=2, data_root=None) -> str:
 def test_the_shipped_jobs_pass(offline_data, job):
     # In a fresh process: the site code must come from the job's own app/custom.
     result = subprocess.run(
-        [shutil.which("python"), "-m", "flctl.check_job", str(REPO / "jobs" / job)]
+        [shutil.which("python"), "-m", "flctl", "check", str(REPO / "jobs" / job)]
         + ["--sites", "2", "--data-root", str(offline_data)],
         capture_output=True,
         text=True,
@@ -179,14 +179,14 @@ def test_a_truncated_data_file(tmp_path, offline_data):
 def test_the_command_line_prints_one_line_per_problem_and_fails(tmp_path, offline_data):
     job = job_copy(tmp_path, offline_data, **{"client.lr": 0})
     result = subprocess.run(
-        [shutil.which("python"), "-m", "flctl.check_job", str(job), "--sites", "2"],
+        [shutil.which("python"), "-m", "flctl", "check", str(job), "--sites", "2"],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert result.returncode == 1 and result.stdout == ""
     (line,) = result.stderr.splitlines()
-    assert line.startswith(f"check_job: {job / CLIENT}: executors[0].executor (id 'lightning_executor')")
+    assert line.startswith(f"flctl check: {job / CLIENT}: executors[0].executor (id 'lightning_executor')")
     assert "lr must be a number in (0, 10.0], got 0" in line
 
 
@@ -204,7 +204,7 @@ def test_run_simulator_refuses_a_bad_job_before_starting_anything(tmp_path, offl
     assert result.returncode == 1
     problem, verdict = result.stderr.strip().splitlines()[-2:]
     assert problem.endswith("LightningExecutor has no argument 'batchsize' (did you mean 'batch_size'?)")
-    assert verdict.startswith("run_simulator.sh: the job has the problem(s) above; nothing was started")
+    assert verdict.startswith("flctl simulate: the job has the problem(s) above; nothing was started")
     assert "running: nvflare simulator" not in result.stdout
     assert not list((tmp_path / "ws").glob("runs/*/simulator"))
 

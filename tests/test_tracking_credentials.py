@@ -1,29 +1,22 @@
 """Wrong MLflow credentials: a clear error on the FL server before training, nothing on the sites.
 
-The tracking server is scripts/mlflow_server.sh (basic auth); it is started over a stale PID
-file, as after a crash, which it must see through.
+The tracking server is flctl's MLflow-server launcher with basic auth (what scripts/mlflow_server.sh
+runs); it is started over a stale PID file, as after a crash, which it must see through.
 """
 
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import JOB, REPO
+from conftest import JOB
 from flctl.configure import configure_job
-from flctl.mlflow_server import free_port
+from flctl.mlflow_server import MlflowServer, free_port
+from flctl.simulate import nvflare_simulator
 
 pytestmark = pytest.mark.slow
 WRONG_PASSWORD = "not-the-password-0123456789"
-
-
-def mlflow_server(*args):
-    return subprocess.run(
-        ["bash", str(REPO / "scripts/mlflow_server.sh"), *map(str, args)], capture_output=True, text=True, timeout=180
-    )
 
 
 def test_refused_credentials_stop_the_job_before_training_with_one_clear_error(offline_data, tmp_path, monkeypatch):
@@ -32,11 +25,13 @@ def test_refused_credentials_stop_the_job_before_training_with_one_clear_error(o
     # A stale PID file naming a live process that is not the server (the PID was reused after a crash).
     stranger = subprocess.Popen(["sleep", "120"])
     (server_dir / "server.pid").write_text(f"{stranger.pid}\n")
+    said = []
+    server = MlflowServer(server_dir, port, auth=True, say=said.append)
     try:
-        started = mlflow_server("--dir", server_dir, "--port", port, "start")
-        assert started.returncode == 0, started.stdout + started.stderr
-        assert "stale PID file" in started.stdout and stranger.poll() is None  # not killed, not trusted
-        uri = f"http://127.0.0.1:{port}"
+        server.start()
+        assert any("stale PID file" in line for line in said)
+        assert stranger.poll() is None  # not killed, not trusted
+        uri = server.uri
         job = configure_job(
             JOB,
             tmp_path / "job" / "hello-lightning-mlflow",
@@ -44,15 +39,8 @@ def test_refused_credentials_stop_the_job_before_training_with_one_clear_error(o
         )
         env = {**os.environ, "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": WRONG_PASSWORD}
         workspace = tmp_path / "workspace"
-        nvflare = Path(sys.executable).parent / "nvflare"
-        result = subprocess.run(
-            [str(nvflare), "simulator", str(job), "-n", "2", "-t", "2", "-w", str(workspace)],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=300,
-        )
-        log = result.stdout + result.stderr
+        result = nvflare_simulator(job, workspace, 2, env=env, timeout=300)
+        log = result.stdout
         expected = (
             f"MLflow tracking server {uri} refused the FL server (HTTP 401 Unauthorized: the credentials were "
             "refused); set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the "
@@ -75,7 +63,7 @@ def test_refused_credentials_stop_the_job_before_training_with_one_clear_error(o
             monkeypatch.setenv(key, value)
         assert MlflowClient(uri).get_experiment_by_name("hello-lightning-mlflow") is None
     finally:
-        stopped = mlflow_server("--dir", server_dir, "--port", port, "stop")
+        stopped = server.stop()
         stranger.kill()
         stranger.wait()
-    assert stopped.returncode == 0 and "mlflow-server: stopped" in stopped.stdout
+    assert stopped and not (server_dir / "server.pid").exists()

@@ -50,6 +50,7 @@ def nvflare_simulator(
     show echoed as they come."""
     cmd = [str(Path(sys.executable).parent / "nvflare"), "simulator", str(job), "-n", str(sites)]
     cmd += ["-t", str(threads or sites), "-w", str(workspace)] + (["-gpu", str(gpu)] if gpu is not None else [])
+    env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}  # lines as they come, not at exit
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
     )
