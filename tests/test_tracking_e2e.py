@@ -11,7 +11,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import ROUNDS, SITES, tracked_runs
-from fl_lightning_mlflow.server.tracker import MAX_KEY_LENGTH, MAX_PARAM_VALUE_LENGTH, STATS_FILE
+from fl_lightning_mlflow.common.protocol import MAX_KEY_LENGTH, MAX_PARAM_VALUE_LENGTH
+from fl_lightning_mlflow.server.mlflow_sink import STATS_FILE
 
 pytestmark = pytest.mark.slow
 

@@ -13,6 +13,7 @@ import pytest
 
 from fl_lightning_mlflow.server.tracking_uri import (
     TrackingConfigError,
+    check_server,
     check_tracking_uri,
     probe_tracking_server,
     redact_uri,
@@ -137,3 +138,26 @@ def test_a_proxy_without_mlflow_behind_it_is_unreachable_at_once(answering):
     started = time.monotonic()
     assert probe_tracking_server(answering) == ("unreachable", "HTTP 503 Service Unavailable")
     assert time.monotonic() - started < 3  # MLflow's retries of 503 are off for the probe
+
+
+@pytest.mark.parametrize("answering", [NOT_AUTHENTICATED], indirect=True)
+def test_the_start_check_says_refused_in_the_line_the_readme_quotes(answering, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "pw-123")
+    uri = answering.replace("http://", "http://admin:pw-123@")
+    verdict, message = check_server(uri)
+    shown = answering.replace("http://", "http://***@")
+    assert verdict == "refused" and message.startswith(
+        f"MLflow tracking server {shown} refused the FL server (HTTP 401 Unauthorized: the credentials were "
+        "refused); set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the "
+        "FL server's environment. Stopping the job before training"
+    )
+    assert "pw-123" not in message
+
+
+def test_the_start_check_lets_training_go_on_when_the_server_is_unreachable_or_a_database():
+    uri = f"http://127.0.0.1:{closed_port()}"
+    verdict, message = check_server(uri)
+    assert verdict == "unreachable" and message.startswith(f"MLflow tracking server {uri} unreachable (")
+    assert message.endswith("); training goes on, data is kept and retried")
+    assert check_server("sqlite:////tmp/none.db") == ("ok", "")

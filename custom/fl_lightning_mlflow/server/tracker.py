@@ -27,16 +27,11 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.widgets.intime_model_selector import IntimeModelSelector
 from nvflare.app_opt.tracking.mlflow.mlflow_receiver import MLflowReceiver
 
-from fl_lightning_mlflow.common.protocol import MAX_KEY_LENGTH, MAX_PARAM_VALUE_LENGTH, RECORDS_KWARG  # noqa: F401
-from fl_lightning_mlflow.server.mlflow_sink import PARENT, STATS_FILE, MLflowSink, ModelLogger  # noqa: F401
+from fl_lightning_mlflow.common.protocol import RECORDS_KWARG
+from fl_lightning_mlflow.server.mlflow_sink import PARENT, STATS_FILE, MLflowSink, ModelLogger  # noqa: F401 - STATS_FILE re-exported for job tooling
 from fl_lightning_mlflow.server.records import RecordChecker
 from fl_lightning_mlflow.server.summary import FederationSummary
-from fl_lightning_mlflow.server.tracking_uri import (
-    TrackingConfigError,
-    check_tracking_uri,
-    probe_tracking_server,
-    redact_uri,
-)
+from fl_lightning_mlflow.server.tracking_uri import TrackingConfigError, check_server, check_tracking_uri, redact_uri
 
 METRIC_TYPES = (AnalyticsDataType.METRICS, AnalyticsDataType.METRIC, AnalyticsDataType.SCALAR)
 TEXT_ITEMS = {AnalyticsDataType.PARAMETERS: "param", AnalyticsDataType.PARAMETER: "param",
@@ -115,7 +110,9 @@ class FederatedMLflowTracker(MLflowReceiver):
         if event_type == AppEventType.ROUND_STARTED:
             self.summary.num_rounds = fl_ctx.get_prop(AppConstants.NUM_ROUNDS, self.summary.num_rounds)
         elif event_type == AppEventType.BEFORE_CONTRIBUTION_ACCEPT:
-            self._collect_contribution(fl_ctx)
+            contribution = contribution_of(fl_ctx)
+            if contribution:
+                self.summary.add_contribution(*contribution)
         elif event_type == AppEventType.ROUND_DONE:
             fl_round = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
             self.sink.metrics(PARENT, self.summary.close_round(fl_round), _now(), step=fl_round)
@@ -124,34 +121,22 @@ class FederatedMLflowTracker(MLflowReceiver):
                 fl_ctx.get_prop(AppConstants.CURRENT_ROUND), fl_ctx.get_prop(AppConstants.VALIDATION_RESULT)
             )
         elif event_type == AppEventType.VALIDATION_RESULT_RECEIVED:
-            self._collect_cross_site_result(fl_ctx)
+            result = cross_site_result_of(fl_ctx)
+            if result:
+                self.summary.add_cross_site(*result)
         elif event_type == EventType.FATAL_SYSTEM_ERROR:
             self.summary.fail(fl_ctx.get_prop(FLContextKey.EVENT_DATA, "fatal system error"))
 
     # ----- start ----------------------------------------------------------------------------
     def _tracking_server_accepts(self, fl_ctx: FLContext) -> bool:
-        """Before the job trains: refused credentials stop it (retrying cannot help); an
-        unreachable server does not (the write queue keeps the data and retries)."""
-        uri = self.tracking_uri or ""
-        if not uri.startswith(("http://", "https://")):
-            return True
-        shown = redact_uri(uri)
         started = time.perf_counter()
-        verdict, detail = probe_tracking_server(uri)
+        verdict, message = check_server(self.tracking_uri or "")
         self.timings["probe_seconds"] = time.perf_counter() - started
         if verdict == "refused":
-            reason = (
-                f"MLflow tracking server {shown} refused the FL server ({detail}); set MLFLOW_TRACKING_USERNAME "
-                "and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the FL server's environment. "
-                "Stopping the job before training: nothing could be tracked"
-            )
-            self.system_panic(reason, fl_ctx)  # FLARE logs the reason, once
+            self.system_panic(message, fl_ctx)  # FLARE logs the reason, once, and stops the job
             return False
         if verdict == "unreachable":
-            self.log_warning(
-                fl_ctx,
-                f"MLflow tracking server {shown} unreachable ({detail}); training goes on, data is kept and retried",
-            )
+            self.log_warning(fl_ctx, message)
         return True
 
     def initialize(self, fl_ctx: FLContext):
@@ -210,37 +195,6 @@ class FederatedMLflowTracker(MLflowReceiver):
         else:
             self.records.unsupported(site, kind)
 
-    # ----- the federation's view: per round, best model, cross-site matrix ---------------------
-    def _collect_contribution(self, fl_ctx: FLContext):
-        peer_ctx = fl_ctx.get_peer_context()
-        shareable = peer_ctx.get_prop(FLContextKey.SHAREABLE) if peer_ctx else None
-        if shareable is None:
-            return
-        try:
-            dxo = from_shareable(shareable)
-        except ValueError:
-            return
-        self.summary.add_contribution(
-            peer_ctx.get_identity_name(default="?"),
-            shareable.get_cookie(AppConstants.CONTRIBUTION_ROUND),
-            dxo.get_meta_prop(MetaKey.INITIAL_METRICS),
-            dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND, 1.0),  # the selector's default too
-            fl_ctx.get_prop(AppConstants.CURRENT_ROUND),
-        )
-
-    def _collect_cross_site_result(self, fl_ctx: FLContext):
-        owner, site = fl_ctx.get_prop(AppConstants.MODEL_OWNER), fl_ctx.get_prop(AppConstants.DATA_CLIENT)
-        result = fl_ctx.get_prop(AppConstants.VALIDATION_RESULT)
-        if not isinstance(result, Shareable) or result.get_return_code(ReturnCode.OK) != ReturnCode.OK:
-            self.summary.add_cross_site(owner, site, None)
-            return
-        try:
-            dxo = from_shareable(result)
-        except ValueError:
-            return
-        if dxo.data_kind == DataKind.METRICS:
-            self.summary.add_cross_site(owner, site, dxo.data)
-
     # ----- end ----------------------------------------------------------------------------------
     def finalize(self, fl_ctx: FLContext):
         with self._lock:
@@ -256,3 +210,36 @@ class FederatedMLflowTracker(MLflowReceiver):
 
 def _now() -> int:
     return int(time.time() * 1000)
+
+
+def contribution_of(fl_ctx: FLContext) -> tuple | None:
+    """A site's train result as the aggregator is about to see it: (site, its round, the received
+    global model's metrics, the selector's step count, the current round), or None."""
+    peer_ctx = fl_ctx.get_peer_context()
+    shareable = peer_ctx.get_prop(FLContextKey.SHAREABLE) if peer_ctx else None
+    if shareable is None:
+        return None
+    try:
+        dxo = from_shareable(shareable)
+    except ValueError:
+        return None
+    return (
+        peer_ctx.get_identity_name(default="?"),
+        shareable.get_cookie(AppConstants.CONTRIBUTION_ROUND),
+        dxo.get_meta_prop(MetaKey.INITIAL_METRICS),
+        dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND, 1.0),  # read as the model selector reads it
+        fl_ctx.get_prop(AppConstants.CURRENT_ROUND),
+    )
+
+
+def cross_site_result_of(fl_ctx: FLContext) -> tuple | None:
+    """(model owner, data site, {metric: value} or None when the evaluation failed), or None."""
+    owner, site = fl_ctx.get_prop(AppConstants.MODEL_OWNER), fl_ctx.get_prop(AppConstants.DATA_CLIENT)
+    result = fl_ctx.get_prop(AppConstants.VALIDATION_RESULT)
+    if not isinstance(result, Shareable) or result.get_return_code(ReturnCode.OK) != ReturnCode.OK:
+        return owner, site, None
+    try:
+        dxo = from_shareable(result)
+    except ValueError:
+        return None
+    return (owner, site, dxo.data) if dxo.data_kind == DataKind.METRICS else None

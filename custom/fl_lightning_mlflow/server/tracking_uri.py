@@ -111,3 +111,25 @@ def _verdict(error) -> tuple:
         given = "the credentials were refused" if sent else "no credentials were set"
         return "refused", f"{_status_text(code)}: {given}"
     return "ok", _status_text(code)
+
+
+def check_server(uri: str) -> tuple:
+    """Before the job trains: ("ok" | "refused" | "unreachable", the line to log). Refused
+    credentials must stop the job (retrying cannot help); an unreachable server must not (the
+    write queue keeps the data and retries). Only http(s) URIs have a server to ask."""
+    if not uri.startswith(("http://", "https://")):
+        return "ok", ""
+    shown = redact_uri(uri)
+    verdict, detail = probe_tracking_server(uri)
+    if verdict == "refused":
+        return verdict, (
+            f"MLflow tracking server {shown} refused the FL server ({detail}); set MLFLOW_TRACKING_USERNAME "
+            "and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the FL server's environment. "
+            "Stopping the job before training: nothing could be tracked"
+        )
+    if verdict == "unreachable":
+        return (
+            verdict,
+            f"MLflow tracking server {shown} unreachable ({detail}); training goes on, data is kept and retried",
+        )
+    return verdict, ""
