@@ -12,7 +12,6 @@ from flctl.check_job import check_job
 from flctl.configure import configure_job
 
 SERVER = "app/config/config_fed_server.json"
-COMPONENTS = {"hello-lightning-mlflow": "11", "hello-pt-mlflow": "12"}
 CLIENT = "app/config/config_fed_client.json"
 
 
@@ -28,8 +27,33 @@ def edit(job, rel, change):
     path.write_text(json.dumps(config, indent=2))
 
 
+def client_components(config):
+    """(where, spec) of the client's executors and components, as the checker names them."""
+    for i, entry in enumerate(config.get("executors", [])):
+        yield f"executors[{i}].executor", entry["executor"]
+    for i, spec in enumerate(config.get("components", [])):
+        yield f"components[{i}]", spec
+
+
+def trainer(config):
+    """The component that takes the training arguments: the executor, or a training engine."""
+    return next(spec for _, spec in client_components(config) if "local_epochs" in spec.get("args", {}))
+
+
 def executor_args(config):
-    return config["executors"][0]["executor"]["args"]
+    return trainer(config)["args"]
+
+
+def trainer_class(job=JOB) -> str:
+    return trainer(json.loads((job / CLIENT).read_text()))["path"].rpartition(".")[2]
+
+
+def count_components(job) -> int:
+    total = 0
+    for rel in (SERVER, CLIENT):
+        config = json.loads((job / rel).read_text())
+        total += len(config.get("workflows", [])) + len(config.get("components", [])) + len(config.get("executors", []))
+    return total
 
 
 def component(config, cid):
@@ -54,7 +78,8 @@ def test_the_shipped_jobs_pass(offline_data, job):
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().endswith(f"is fine ({COMPONENTS[job]} components, data for 2 site(s))")
+    components = count_components(REPO / "jobs" / job)
+    assert result.stdout.strip().endswith(f"is fine ({components} components, data for 2 site(s))")
 
 
 def test_json_that_does_not_parse(tmp_path, offline_data):
@@ -65,9 +90,10 @@ def test_json_that_does_not_parse(tmp_path, offline_data):
 
 def test_a_class_path_that_does_not_import(tmp_path, offline_data):
     job = job_copy(tmp_path, offline_data)
-    edit(job, CLIENT, lambda c: c["executors"][0]["executor"].update(path="lightning_exec.LightningExecutor"))
+    edit(job, CLIENT, lambda c: trainer(c).update(path="lightning_exec.LightningExecutor"))
     line = one_problem(job)
-    assert str(job / CLIENT) in line and "(id 'lightning_executor')" in line
+    cid = trainer(json.loads((job / CLIENT).read_text()))["id"]
+    assert str(job / CLIENT) in line and f"(id {cid!r})" in line
     assert "class path 'lightning_exec.LightningExecutor' does not import: ModuleNotFoundError" in line
 
 
@@ -75,7 +101,7 @@ def test_a_mistyped_argument_gets_a_suggestion(tmp_path, offline_data):
     job = job_copy(tmp_path, offline_data)
     edit(job, CLIENT, lambda c: executor_args(c).update(local_epoch=2))
     line = one_problem(job)
-    assert line.endswith("LightningExecutor has no argument 'local_epoch' (did you mean 'local_epochs'?)")
+    assert line.endswith(f"{trainer_class()} has no argument 'local_epoch' (did you mean 'local_epochs'?)")
 
 
 def test_an_unknown_argument_of_a_flare_class(tmp_path, offline_data):
@@ -102,17 +128,18 @@ def test_a_dotted_key(tmp_path, offline_data):
         ("server.num_rounds", 0, "config_fed_server.json: variable num_rounds: num_rounds must be >= 1, got 0"),
         ("server.min_clients", 0, "config_fed_server.json: variable min_clients: min_clients must be >= 1, got 0"),
         ("server.train_timeout", -5, "variable train_timeout: train_timeout must be >= 0, got -5"),
-        ("client.local_epochs", 0, "LightningExecutor: local_epochs must be an integer >= 1, got 0"),
-        ("client.local_epochs", "2", "LightningExecutor: local_epochs must be an integer >= 1, got '2'"),
-        ("client.batch_size", 0, "LightningExecutor: batch_size must be an integer >= 1, got 0"),
-        ("client.lr", -0.1, "LightningExecutor: lr must be a number in (0, 10.0], got -0.1"),
-        ("client.lr", 50, "LightningExecutor: lr must be a number in (0, 10.0], got 50"),
-        ("client.optimizer", "adamm", "LightningExecutor: optimizer must be one of"),
+        ("client.local_epochs", 0, "TRAINER: local_epochs must be an integer >= 1, got 0"),
+        ("client.local_epochs", "2", "TRAINER: local_epochs must be an integer >= 1, got '2'"),
+        ("client.batch_size", 0, "TRAINER: batch_size must be an integer >= 1, got 0"),
+        ("client.lr", -0.1, "TRAINER: lr must be a number in (0, 10.0], got -0.1"),
+        ("client.lr", 50, "TRAINER: lr must be a number in (0, 10.0], got 50"),
+        ("client.optimizer", "adamm", "TRAINER: optimizer must be one of"),
         ("meta.min_clients", 0, "meta.json: min_clients must be an integer >= 1, got 0"),
     ],
 )
 def test_values_out_of_range(tmp_path, offline_data, setting, value, expected):
     job = job_copy(tmp_path, offline_data, **{setting: value})
+    expected = expected.replace("TRAINER", trainer_class())  # the executor, or its training engine
     assert expected in one_problem(job)
 
 
@@ -186,7 +213,10 @@ def test_the_command_line_prints_one_line_per_problem_and_fails(tmp_path, offlin
     )
     assert result.returncode == 1 and result.stdout == ""
     (line,) = result.stderr.splitlines()
-    assert line.startswith(f"flctl check: {job / CLIENT}: executors[0].executor (id 'lightning_executor')")
+    where, spec = next(
+        (w, c) for w, c in client_components(json.loads((job / CLIENT).read_text())) if "lr" in c["args"]
+    )
+    assert line.startswith(f"flctl check: {job / CLIENT}: {where} (id {spec['id']!r})")
     assert "lr must be a number in (0, 10.0], got 0" in line
 
 
@@ -203,7 +233,7 @@ def test_run_simulator_refuses_a_bad_job_before_starting_anything(tmp_path, offl
     )
     assert result.returncode == 1
     problem, verdict = result.stderr.strip().splitlines()[-2:]
-    assert problem.endswith("LightningExecutor has no argument 'batchsize' (did you mean 'batch_size'?)")
+    assert problem.endswith(f"{trainer_class()} has no argument 'batchsize' (did you mean 'batch_size'?)")
     assert verdict.startswith("flctl simulate: the job has the problem(s) above; nothing was started")
     assert "running: nvflare simulator" not in result.stdout
     assert not list((tmp_path / "ws").glob("runs/*/simulator"))

@@ -43,6 +43,6 @@ def parse_json(text: str) -> dict:
 
 def tail(path, lines=3) -> str:
     try:
-        return " ".join(Path(path).read_text().strip().splitlines()[-lines:])
+        return "\n".join(Path(path).read_text().strip().splitlines()[-lines:])
     except OSError:
         return ""

@@ -174,7 +174,7 @@ class Poc:
         answer = nvflare_cli.parse_json(result.stdout)
         self.job_id = (answer.get("data") or {}).get("job_id")
         if result.returncode != 0 or not self.job_id:
-            why = answer.get("message") or nvflare_cli.tail(self.workspace / "submit.log")
+            why = answer.get("message") or nvflare_cli.tail(self.workspace / "submit.log").replace("\n", " ")
             raise CliError(f"job submit failed: {why}")
         (self.workspace / "last_job_id").write_text(f"{self.job_id}\n")
         self.say(f"poc: submitted {self.job_src.name} as job {self.job_id}")
@@ -204,7 +204,9 @@ class Poc:
                 self.say(f"poc: the FL server stopped while job {job_id} ran; stopping the sites", err=True)
                 self.stop(err=True)
                 raise CliError(f"the FL server stopped during job {job_id}; its log: {self.prod}/server/log.txt")
+            # nvflare's JSON answer; an error's may go to stderr (the log) instead of stdout
             answer = nvflare_cli.parse_json(waiter.communicate()[0])
+            answer = answer or nvflare_cli.parse_json(nvflare_cli.tail(self.workspace / "wait.log", 200))
         finally:
             if waiter.poll() is None:
                 waiter.kill()
