@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-STATS_FILE = "mlflow_tracking_stats.json"  # fl_lightning_mlflow.server.tracker.STATS_FILE
+STATS_FILE = "mlflow_tracking_stats.json"  # = fl_lightning_mlflow.server.mlflow_sink.STATS_FILE
 MODEL_FILE = "FL_global_model.pt"
 BEST_MODEL_FILE = "best_FL_global_model.pt"
 PARENT_KEY = "__parent__"  # the federation's run in the stats file's run_ids
