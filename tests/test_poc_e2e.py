@@ -114,6 +114,16 @@ def test_poc_cycle_tracks_like_the_simulator_with_credentials_on_the_server_only
         print(f"POC cycle: {time.monotonic() - started:.0f} s")
 
         assert processes_under(workspace / "poc") == {}  # nothing left running
+        # FLARE shipped the package through `nvflare job submit` (its zip) to every site: each
+        # site's copy of the job holds every file of custom/fl_lightning_mlflow, byte for byte.
+        package = REPO / "custom" / "fl_lightning_mlflow"
+        sources = sorted(p.relative_to(package) for p in package.rglob("*.py"))
+        for site in ("site-1", "site-2"):
+            (shipped,) = (workspace / "poc/example_project/prod_00" / site).glob(
+                f"*/app_{site}/custom/fl_lightning_mlflow"
+            )
+            assert sorted(p.relative_to(shipped) for p in shipped.rglob("*.py")) == sources, site
+            assert all((shipped / f).read_bytes() == (package / f).read_bytes() for f in sources), site
         server_side = [env for cmd, env in seen.values() if "server_train" in cmd or "/server/" in cmd]
         site_side = [(cmd, env) for cmd, env in seen.values() if "client_train" in cmd or "/site-" in cmd]
         assert server_side and len(site_side) >= 2

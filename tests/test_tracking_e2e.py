@@ -11,8 +11,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import ROUNDS, SITES, tracked_runs
-from fl_lightning_mlflow.common.protocol import MAX_KEY_LENGTH, MAX_PARAM_VALUE_LENGTH
-from fl_lightning_mlflow.server.mlflow_sink import STATS_FILE
+from fl_lightning_mlflow.common.protocol import MAX_KEY_LENGTH, MAX_PARAM_VALUE_LENGTH, STATS_FILE
 
 pytestmark = pytest.mark.slow
 
@@ -64,6 +63,10 @@ def test_best_global_model_is_registered_loads_and_predicts(finished_run):
     assert version.run_id == parent.info.run_id
     assert int(version.tags["round"]) in range(1, ROUNDS)  # the selector skips round 0
     assert 0 < float(version.tags["key_metric_value"]) <= 1
+    # The parent run's mean is the number that chose this model (the selector's weights).
+    history = client.get_metric_history(parent.info.run_id, "global_val_acc")
+    (at_best,) = [m.value for m in history if m.step == int(version.tags["round"])]
+    assert at_best == float(version.tags["key_metric_value"])
     mlflow.set_tracking_uri(f"sqlite:///{server / 'mlflow.db'}")
     model = mlflow.pytorch.load_model(f"models:/hello-lightning-mlflow-global/{version.version}")
     with torch.no_grad():

@@ -16,7 +16,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import JOB
-from fl_lightning_mlflow.server.mlflow_sink import STATS_FILE
+from fl_lightning_mlflow.common.protocol import STATS_FILE
 from flctl.configure import configure_job
 from flctl.mlflow_server import MlflowServer
 

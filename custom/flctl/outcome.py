@@ -9,10 +9,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-STATS_FILE = "mlflow_tracking_stats.json"  # = fl_lightning_mlflow.server.mlflow_sink.STATS_FILE
+from fl_lightning_mlflow.common.protocol import PARENT_RUN_KEY as PARENT_KEY
+from fl_lightning_mlflow.common.protocol import STATS_FILE
+
 MODEL_FILE = "FL_global_model.pt"
 BEST_MODEL_FILE = "best_FL_global_model.pt"
-PARENT_KEY = "__parent__"  # the federation's run in the stats file's run_ids
 ROUND_METRIC = "global_val_acc"  # logged once per round on the federation's run (step = round)
 
 

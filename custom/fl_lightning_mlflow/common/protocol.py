@@ -48,6 +48,10 @@ KEY_PATTERN = re.compile(r"^[\w\-. /:]+$")  # what MLflow accepts in a name
 # A site's batch holds about a second of metrics, far fewer; more is a faulty or hostile site.
 MAX_ITEMS_PER_EVENT = 20_000
 
+# ----- what the FL server leaves in its job folder for tooling (flctl, tests, benchmarks) -----
+STATS_FILE = "mlflow_tracking_stats.json"  # status, received / written / lost / rejected counts, run ids
+PARENT_RUN_KEY = "__parent__"  # the federation's run in the stats file's run_ids; sites are keyed by name
+
 
 def check_key(key) -> str | None:
     """Why MLflow would refuse this metric, param or tag name, or None."""

@@ -13,12 +13,12 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from fl_lightning_mlflow.common.protocol import MAX_PARAM_VALUE_LENGTH, MAX_TAG_VALUE_LENGTH
+from fl_lightning_mlflow.common.protocol import MAX_PARAM_VALUE_LENGTH, MAX_TAG_VALUE_LENGTH, PARENT_RUN_KEY, STATS_FILE
 from fl_lightning_mlflow.server.tracking_uri import redact_uri
 from fl_lightning_mlflow.server.write_queue import WriteQueue
 
-PARENT = "__parent__"  # the run key of the job's parent run; sites' run keys are their names
-STATS_FILE = "mlflow_tracking_stats.json"
+PARENT = PARENT_RUN_KEY  # the run key of the job's parent run; sites' run keys are their names
+
 SPILL_FILE = "mlflow_spill.jsonl"
 CROSS_SITE_TABLE = "cross_site_validation.json"
 

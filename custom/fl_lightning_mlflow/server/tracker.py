@@ -28,7 +28,7 @@ from nvflare.app_common.widgets.intime_model_selector import IntimeModelSelector
 from nvflare.app_opt.tracking.mlflow.mlflow_receiver import MLflowReceiver
 
 from fl_lightning_mlflow.common.protocol import RECORDS_KWARG
-from fl_lightning_mlflow.server.mlflow_sink import PARENT, STATS_FILE, MLflowSink, ModelLogger  # noqa: F401 - STATS_FILE re-exported for job tooling
+from fl_lightning_mlflow.server.mlflow_sink import PARENT, MLflowSink, ModelLogger
 from fl_lightning_mlflow.server.records import RecordChecker
 from fl_lightning_mlflow.server.summary import FederationSummary
 from fl_lightning_mlflow.server.tracking_uri import TrackingConfigError, check_server, check_tracking_uri, redact_uri
