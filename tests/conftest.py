@@ -1,4 +1,5 @@
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,12 +27,30 @@ def run_simulator(job: Path, workspace: Path, sites: int = 2, timeout: int = 600
     return nvflare_simulator(job, workspace, sites, timeout=timeout)
 
 
+def job_from_template(dest: Path, *settings: str) -> Path:
+    """`nvflare job create` from job_templates/, as the README shows it; settings: "file.conf", "k=v", ..."""
+    nvflare = str(Path(sys.executable).parent / "nvflare")
+    cmd = [nvflare, "job", "create", "-j", str(dest), "-w", str(REPO / "job_templates" / "lightning_mlflow_fedavg")]
+    cmd += ["-sd", str(JOB / "app" / "custom"), *settings]
+    created = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert created.returncode == 0, created.stdout[-2000:] + created.stderr[-2000:]
+    return dest
+
+
 @pytest.fixture(scope="session")
-def finished_run(offline_data, tmp_path_factory):
-    """One simulator run of the job (2 sites, 2 rounds, offline data), shared by the end-to-end tests:
-    flctl simulate's own path (configure a copy, check it, run, judge from the tracker's stats file)."""
+def template_job(tmp_path_factory) -> Path:
+    """The job as `nvflare job create` makes it from our template (its configs equal the job's:
+    test_job_config checks it), so the shared run below exercises the template too."""
+    return job_from_template(tmp_path_factory.mktemp("template") / "hello-lightning-mlflow")
+
+
+@pytest.fixture(scope="session")
+def finished_run(offline_data, template_job, tmp_path_factory):
+    """One simulator run (2 sites, 2 rounds, offline data) of the job made from the template,
+    shared by the end-to-end tests: flctl simulate's own path (configure a copy, check it, run,
+    judge from the tracker's stats file)."""
     run = simulate(
-        JOB,
+        template_job,
         tmp_path_factory.mktemp("e2e"),
         offline_data,
         sites=SITES,

@@ -126,26 +126,10 @@ def test_plain_pytorch_job_lands_in_the_same_run_tree(offline_data, tmp_path):
     assert client.search_model_versions("name='hello-pt-mlflow-global'")
 
 
-def test_job_created_from_the_template_runs_and_tracks(offline_data, tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from conftest import REPO, run_simulator
-
-    job = tmp_path / "from-template"
-    nvflare = str(Path(sys.executable).parent / "nvflare")
-    cmd = [nvflare, "job", "create", "-j", str(job), "-w", str(REPO / "job_templates" / "lightning_mlflow_fedavg")]
-    cmd += ["-sd", str(REPO / "custom"), "-f", "config_fed_client.conf", f"data_root={offline_data}"]
-    cmd += ["-f", "config_fed_server.conf", "experiment_name=from-template"]
-    created = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert created.returncode == 0, created.stdout[-2000:] + created.stderr[-2000:]
-    result = run_simulator(job, tmp_path / "workspace", sites=SITES)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    client = MlflowClient(f"sqlite:///{tmp_path / 'workspace/server/simulate_job/mlflow.db'}")
-    experiment = client.get_experiment_by_name("from-template")
-    runs = client.search_runs([experiment.experiment_id])
-    (parent,) = [r for r in runs if r.data.tags.get("role") == "federation"]
-    assert parent.info.status == "FINISHED" and parent.info.run_name == "from-template"
-    assert sorted(r.data.tags["site"] for r in runs if r.data.tags.get("role") == "site") == ["site-1", "site-2"]
-    assert sorted(m.step for m in client.get_metric_history(parent.info.run_id, "global_val_acc")) == [0, 1]
+def test_the_shared_run_is_of_a_job_made_from_the_template_shipping_only_the_package(template_job, finished_run):
+    # Every end-to-end test above reads this run: the template's job trains and tracks.
+    assert sorted(p.name for p in (template_job / "app/custom").iterdir()) == ["fl_lightning_mlflow"]
+    assert (template_job / "app/custom/fl_lightning_mlflow/site/executor.py").is_file()
+    server, _ = finished_run
+    _, (parent,), children = tracked_runs(server)
+    assert parent.info.status == "FINISHED" and sorted(children) == ["site-1", "site-2"]

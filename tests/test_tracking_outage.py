@@ -85,34 +85,26 @@ def assert_every_point_arrived(tmp_path, uri):
     return stats
 
 
-def test_server_killed_mid_run_and_restarted_after_mlflows_retry_window(offline_data, tmp_path):
-    server = MlflowServer(tmp_path / "mlflow").start()
-    proc = start_job(offline_data, tmp_path, server.uri, rounds=3)
-    try:
-        wait_for_log(tmp_path, r"round 0: global model", proc)
-        server.kill()
-        down_at = time.monotonic()
-        wait_for_log(tmp_path, r"MLflow write failed, will retry", proc, timeout=60)
-        time.sleep(max(0.0, OUTAGE_SECONDS - (time.monotonic() - down_at)))
-        server.start()
-        finish(proc)
-        stats = assert_every_point_arrived(tmp_path, server.uri)
-        assert stats["write_failures"] > 0  # the outage really hit the write path
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, 9)
-        server.stop()
-
-
-def test_server_unreachable_at_job_start_comes_up_later(offline_data, tmp_path):
+def test_server_down_at_start_then_killed_mid_run_loses_nothing(offline_data, tmp_path):
+    """One run, both outages: the server is not up when the job starts (it comes up once round
+    0 has trained); once writes succeed again it is killed (SIGKILL, as in a crash) while the
+    sites train and restarted after OUTAGE_SECONDS, longer than MLflow's own retry window."""
     server = MlflowServer(tmp_path / "mlflow")  # not started yet
-    proc = start_job(offline_data, tmp_path, server.uri, rounds=2)
+    proc = start_job(offline_data, tmp_path, server.uri, rounds=4)
     try:
         wait_for_log(tmp_path, r"MLflow write failed, will retry", proc, timeout=120)
         wait_for_log(tmp_path, r"round 0: global model", proc)
         server.start()
+        wait_for_log(tmp_path, r"MLflow writes succeed again", proc, timeout=120)
+        server.kill()
+        down_at = time.monotonic()
+        # The writer logs a failure again once it has succeeded in between.
+        wait_for_log(tmp_path, r"succeed again(.|\n)*MLflow write failed, will retry", proc, timeout=60)
+        time.sleep(max(0.0, OUTAGE_SECONDS - (time.monotonic() - down_at)))
+        server.start()
         finish(proc)
-        assert_every_point_arrived(tmp_path, server.uri)
+        stats = assert_every_point_arrived(tmp_path, server.uri)
+        assert stats["write_failures"] >= 2  # both outages really hit the write path
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, 9)

@@ -5,7 +5,9 @@
 Examples: server.num_rounds=5 client.local_epochs=2 client.data_root=/data meta.min_clients=3
 VALUE is parsed as JSON where it can be (5 -> int, 0.1 -> float), else kept as a string.
 Only variables that already exist may be set, so a typo fails instead of being ignored.
-Symlinked site code (app/custom) is copied as real files: the copy runs anywhere.
+Symlinked site code (app/custom) is copied as real files: the copy runs anywhere. A job that
+`nvflare job create` made holds HOCON (.conf) configs; the copy holds them as JSON, which FLARE
+reads alike and the checker reads too.
 """
 
 import json
@@ -33,20 +35,37 @@ def parse_value(text: str):
         return text
 
 
+def is_job(folder) -> bool:
+    return any((Path(folder) / "meta").with_suffix(ext).is_file() for ext in (".json", ".conf"))
+
+
+def read_config(path: Path) -> dict:
+    """A JSON config, or the HOCON (.conf) one beside it that `nvflare job create` writes."""
+    if not path.is_file() and path.with_suffix(".conf").is_file():
+        from pyhocon import ConfigFactory  # FLARE's own HOCON reader, installed with nvflare
+
+        conf = path.with_suffix(".conf")
+        try:
+            return json.loads(json.dumps(ConfigFactory.parse_file(str(conf))))
+        except Exception as e:  # pyhocon raises its own parse errors
+            raise JobConfigError(f"cannot read {conf}: {type(e).__name__}: {e}") from None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise JobConfigError(f"cannot read {path}: {e}") from None
+
+
 def configure_job(src, dest, settings: dict) -> Path:
     """settings: {"server.num_rounds": 3, ...}. Returns dest."""
     src, dest = Path(src), Path(dest)
-    if not (src / "meta.json").is_file():
-        raise JobConfigError(f"not a job folder (no meta.json): {src}")
+    if not is_job(src):
+        raise JobConfigError(f"not a job folder (no meta.json or meta.conf): {src}")
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(src, dest, ignore=shutil.ignore_patterns("__pycache__"))
-    configs = {}
-    for name, rel in FILES.items():
-        try:
-            configs[name] = json.loads((dest / rel).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise JobConfigError(f"cannot read {src / rel}: {e}") from None
+    configs = {name: read_config(dest / rel) for name, rel in FILES.items()}
+    for rel in FILES.values():
+        (dest / rel).with_suffix(".conf").unlink(missing_ok=True)  # the JSON written below replaces it
     for key, value in settings.items():
         which, _, var = key.partition(".")
         if which not in configs or not var:

@@ -37,7 +37,7 @@ def default_data_root(data_root, offline: bool) -> Path:
 def resolve_job(name) -> Path:
     """A job under jobs/ by name, or the path of a job folder of one's own."""
     path = Path(name).expanduser()
-    if (path / "meta.json").is_file():
+    if (path / "meta.json").is_file() or (path / "meta.conf").is_file():  # .conf: made by `nvflare job create`
         return path.resolve()
     if (JOBS / str(name) / "meta.json").is_file():
         return JOBS / str(name)
