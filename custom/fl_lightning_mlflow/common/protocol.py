@@ -62,3 +62,15 @@ def check_key(key) -> str | None:
     if not KEY_PATTERN.match(key) or ".." in key.split("/") or key.startswith("/"):
         return "has characters MLflow does not accept (allowed: letters, digits, _ - . space / :)"
     return None
+
+
+# ----- delivery, counted end to end (server.delivery) -----------------------------------------
+# Analytics events are best effort: one lost on the way is lost without a trace. Task results are
+# not, so every train (and validate) result also carries, as DXO meta, what the site has handed
+# to FLARE for the server so far: {kind: count} for SENT_KINDS, cumulative since the job started
+# (a restarted site process carries on from its state file). The server compares the last count
+# each site reported with what it received, what MLflow wrote and what MLflow refused for good.
+SENT_COUNTS_META = "sent_counts"
+SENT_KINDS = ("metric", "param", "tag")  # metric points (one value at one step), params, tags
+DELIVERY_STATS_KEY = "delivery"  # the stats file's per-site table: sent / received / written / refused / lost
+DELIVERY_METRIC_PREFIX = "delivery/"  # the parent run's metrics: delivery/<site>/<column>, step 0

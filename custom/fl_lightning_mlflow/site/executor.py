@@ -13,6 +13,14 @@ site.pt_engine.PTEngine. The executor owns everything FLARE: Shareable/DXO conve
 signal, analytics events, the best-local-model file, the state file that outlives a restarted
 simulator worker, thread sizing (site.threads) and setup errors, which fail each task with one
 line rather than panicking the site.
+
+Delivery accounting: everything the engine hands on for the server (the sender's records, the
+log writer's calls) is counted (site.flare_logger.SentCounter), and the train, validate and
+submit_model results carry the cumulative counts as DXO meta SENT_COUNTS_META, after flushing
+the engine's logger so nothing counted is still waiting on the site. The task result is the
+reliable channel (events are best effort), so the server learns what was sent even when events
+were lost. Points sent after a site's last task result are in no result; the END_RUN log lines
+count them.
 """
 
 import json
@@ -39,13 +47,29 @@ from fl_lightning_mlflow.common.protocol import (
     PARAMS,
     RECORDS_KWARG,
     REPORTED_METRICS,
+    SENT_COUNTS_META,
     VAL_SAMPLES_META,
 )
 from fl_lightning_mlflow.site.engine import SiteContext, SiteEngine, TaskAborted, is_int
+from fl_lightning_mlflow.site.flare_logger import FlareLogger, SentCounter
 from fl_lightning_mlflow.site.threads import torch_threads
 
 STATE_FILE = "site_state.json"  # survives a simulator worker that is restarted between tasks
 BEST_MODEL_FILE = "best_local_model.pt"
+
+
+def with_sent_counts(dxo: DXO, counts: dict) -> DXO:
+    """The task result's DXO with the site's cumulative sent counts ({kind: n}) in its meta."""
+    dxo.set_meta_prop(SENT_COUNTS_META, dict(counts))
+    return dxo
+
+
+def flush_engine(engine: SiteEngine) -> None:
+    """Hand on what the engine's logger still holds (FlareLogger gathers records for up to a
+    second), so the counts a task result carries were all sent before it."""
+    logger = getattr(engine, "logger", None)
+    if isinstance(logger, FlareLogger):
+        logger.flush()
 
 
 class SiteExecutor(Executor):
@@ -87,6 +111,7 @@ class SiteExecutor(Executor):
         self.best_local_acc = -1.0
         self.setup_error = None
         self._fl_ctx = None
+        self.sent = SentCounter()  # what this site handed to FLARE for the server, since the job started
 
     # ----- lifecycle -------------------------------------------------------------------
     def handle_event(self, event_type: str, fl_ctx: FLContext):
@@ -100,8 +125,11 @@ class SiteExecutor(Executor):
                 self.setup_error = str(e)
                 self.log_error(fl_ctx, self.setup_error)
         elif event_type == EventType.END_RUN and self.engine is not None and not self.setup_error:
-            # The sending side's count, to compare with what reaches MLflow.
+            # The sending side's count, to compare with what reaches MLflow (this process's).
             self.log_info(fl_ctx, f"{self.site}: sent {self.engine.points_sent} metric points")
+            # The cumulative counts again: they include what was sent after the last task result,
+            # which the server never hears of otherwise (no task result follows END_RUN).
+            self.log_info(fl_ctx, f"{self.site}: sent counts at job end {self.sent.snapshot()}")
 
     def _setup(self, fl_ctx: FLContext):
         self.site = fl_ctx.get_identity_name()
@@ -121,14 +149,22 @@ class SiteExecutor(Executor):
                 raise ValueError(f"no component {training.writer_id!r} (an MLflowWriter) in config_fed_client.json")
         simulate = bool(fl_ctx.get_prop(FLContextKey.SIMULATE_MODE, False))
         threads = torch_threads(self.threads_per_site, simulate)
+        state = self.app_dir / STATE_FILE
+        saved = json.loads(state.read_text()) if state.is_file() else {}
+        # A restarted process carries on counting where the last one saved: the counts are cumulative.
+        self.sent = SentCounter(saved.get("sent_counts"))
+        if writer is not None:
+            writer = self.sent.writer(writer)
         context = SiteContext(
-            site=self.site, workdir=self.app_dir, threads=threads, send=self._send_analytics, writer=writer
+            site=self.site,
+            workdir=self.app_dir,
+            threads=threads,
+            send=self.sent.sender(self._send_analytics),
+            writer=writer,
         )
         training.setup(context)
         self.engine = training
-        state = self.app_dir / STATE_FILE
-        if state.is_file():
-            saved = json.loads(state.read_text())
+        if saved:
             self.engine.load_state_dict(saved.get("engine", {}))
             self.best_local_acc = saved.get("best_local_acc", -1.0)
         self.log_info(
@@ -138,7 +174,9 @@ class SiteExecutor(Executor):
         )
 
     def _save_state(self):
-        state = dict(engine=self.engine.state_dict(), best_local_acc=self.best_local_acc)
+        state = dict(
+            engine=self.engine.state_dict(), best_local_acc=self.best_local_acc, sent_counts=self.sent.snapshot()
+        )
         (self.app_dir / STATE_FILE).write_text(json.dumps(state))
 
     def _send_analytics(self, kind: str, values, step, fl_round):
@@ -199,6 +237,7 @@ class SiteExecutor(Executor):
         if local_acc > self.best_local_acc:
             self.best_local_acc = local_acc
             torch.save({k: torch.as_tensor(v) for k, v in fit.weights.items()}, self.app_dir / BEST_MODEL_FILE)
+        flush_engine(self.engine)  # before counting: the result reports what was sent up to it
         self._save_state()
         self.log_info(
             fl_ctx,
@@ -214,6 +253,7 @@ class SiteExecutor(Executor):
         dxo.set_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND, fit.samples)
         dxo.set_meta_prop(MetaKey.INITIAL_METRICS, global_metrics)
         dxo.set_meta_prop(VAL_SAMPLES_META, self.engine.val_samples)  # weights the server's global average
+        with_sent_counts(dxo, self.sent.snapshot())  # the reliable channel: see the module's docstring
         self.log_info(fl_ctx, f"round {fl_round}: train task took {time.monotonic() - task_started:.2f} s")
         return dxo.to_shareable()
 
@@ -221,7 +261,9 @@ class SiteExecutor(Executor):
         model_owner = shareable.get_header(AppConstants.MODEL_OWNER, "?")
         metrics = self.engine.evaluate(self._received_weights(shareable), abort_signal)
         self.log_info(fl_ctx, f"validated model from {model_owner}: {metrics}")
-        return DXO(data_kind=DataKind.METRICS, data=metrics).to_shareable()
+        flush_engine(self.engine)
+        dxo = with_sent_counts(DXO(data_kind=DataKind.METRICS, data=metrics), self.sent.snapshot())
+        return dxo.to_shareable()
 
     def _submit_model(self, fl_ctx: FLContext) -> Shareable:
         path = self.app_dir / BEST_MODEL_FILE
@@ -230,4 +272,6 @@ class SiteExecutor(Executor):
             return make_reply(ReturnCode.EMPTY_RESULT)
         state = torch.load(path, map_location="cpu", weights_only=True)
         weights = {k: v.numpy() for k, v in state.items()}
-        return DXO(data_kind=DataKind.WEIGHTS, data=weights).to_shareable()
+        # Cross-site evaluation asks for this after the last round: one more, later, report of the counts.
+        flush_engine(self.engine)
+        return with_sent_counts(DXO(data_kind=DataKind.WEIGHTS, data=weights), self.sent.snapshot()).to_shareable()

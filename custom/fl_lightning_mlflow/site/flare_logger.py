@@ -12,6 +12,7 @@ a step, moves it one past its last one. Hyperparameters go out once each, flatte
 params, in chunks MLflow accepts.
 """
 
+import collections
 import time
 from argparse import Namespace
 from collections.abc import Callable, Mapping
@@ -19,10 +20,19 @@ from collections.abc import Callable, Mapping
 from pytorch_lightning.loggers.logger import Logger
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from fl_lightning_mlflow.common.protocol import MAX_PARAM_VALUE_LENGTH, METRICS, METRICS_BATCH, PARAMS
+from fl_lightning_mlflow.common.protocol import MAX_PARAM_VALUE_LENGTH, METRICS, METRICS_BATCH, PARAMS, SENT_KINDS
 from fl_lightning_mlflow.common.protocol import MAX_PARAMS_PER_BATCH as MAX_PARAMS_PER_RECORD
 
-__all__ = ["FlareLogger", "flatten", "METRICS", "METRICS_BATCH", "PARAMS", "MAX_PARAMS_PER_RECORD", "Sender"]
+__all__ = [
+    "FlareLogger",
+    "SentCounter",
+    "flatten",
+    "METRICS",
+    "METRICS_BATCH",
+    "PARAMS",
+    "MAX_PARAMS_PER_RECORD",
+    "Sender",
+]
 
 Sender = Callable[[str, dict, int | None, int | None], None]
 
@@ -123,3 +133,78 @@ class FlareLogger(Logger):
         items = sorted(new.items())
         for i in range(0, len(items), MAX_PARAMS_PER_RECORD):
             self._send(PARAMS, dict(items[i : i + MAX_PARAMS_PER_RECORD]), None, self.round)
+
+
+class SentCounter:
+    """What a site has handed to FLARE for the server, by kind (common.protocol.SENT_KINDS),
+    cumulative: the count its task results report (SENT_COUNTS_META) so the server can tell
+    what was lost on the way. It sits where records leave the engine, on both paths: the
+    executor's sender (FlareLogger's records) and the log writer (FLARE's MLflowWriter, which
+    fires its own events). Counted once the call returns: a call that raised sent nothing."""
+
+    def __init__(self, start: Mapping | None = None):
+        """start: the counts an earlier process of this site reported (its state file)."""
+        self.counts = collections.Counter()
+        for kind, n in (start or {}).items():
+            if kind in SENT_KINDS and isinstance(n, int) and not isinstance(n, bool) and n > 0:
+                self.counts[kind] = n
+
+    def snapshot(self) -> dict:
+        """{kind: count} for every kind, as the task result carries it (JSON-able, a copy)."""
+        return {kind: self.counts[kind] for kind in SENT_KINDS}
+
+    def record(self, kind: str, values) -> None:
+        """Count one sender call: METRICS {name: value}, METRICS_BATCH [[step, round, {..}]], PARAMS {..}."""
+        if kind == METRICS:
+            self.counts["metric"] += len(values)
+        elif kind == METRICS_BATCH:
+            self.counts["metric"] += sum(len(r[2]) for r in values)
+        elif kind == PARAMS:
+            self.counts["param"] += len(values)
+
+    def sender(self, send: Sender) -> Sender:
+        """send, counting what it was handed."""
+
+        def counted(kind, values, step, fl_round):
+            send(kind, values, step, fl_round)
+            self.record(kind, values)
+
+        return counted
+
+    def writer(self, writer):
+        """writer (mlflow-like: log_metric(s), log_param(s), set_tag(s)), counting those calls."""
+        return _CountingWriter(writer, self.counts)
+
+
+class _CountingWriter:
+    """An mlflow-like writer passed through, each point counted (anything else goes straight on)."""
+
+    def __init__(self, writer, counts: collections.Counter):
+        self._writer, self._counts = writer, counts
+
+    def __getattr__(self, name):  # log_text and the rest: not points, not counted
+        return getattr(self._writer, name)
+
+    def log_metric(self, key, value, step=None):
+        self._writer.log_metric(key=key, value=value, step=step)
+        self._counts["metric"] += 1
+
+    def log_metrics(self, metrics, step=None):
+        self._writer.log_metrics(metrics, step=step)
+        self._counts["metric"] += len(metrics)
+
+    def log_param(self, key, value):
+        self._writer.log_param(key, value)
+        self._counts["param"] += 1
+
+    def log_params(self, values):
+        self._writer.log_params(values)
+        self._counts["param"] += len(values)
+
+    def set_tag(self, key, tag):
+        self._writer.set_tag(key, tag)
+        self._counts["tag"] += 1
+
+    def set_tags(self, tags):
+        self._writer.set_tags(tags)
+        self._counts["tag"] += len(tags)
