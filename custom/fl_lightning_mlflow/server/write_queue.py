@@ -1,11 +1,21 @@
 """The server's MLflow write path: a queue and one writer thread that never loses a point quietly.
 
 Callers (FLARE's event thread) only append to a queue; the writer thread turns the queue into
-MLflow requests within MLflow's limits (log_batch: 1000 metrics, 100 params, 100 tags). A
-request that fails stays at the head of the queue and is retried with exponential backoff
-until it succeeds or `close()` gives up; past `max_memory_items` queued items, new items
-spill to a JSON-lines file and come back in order. Nothing here knows about FLARE, so the
-write path can be tested and benchmarked on its own.
+MLflow requests within MLflow's limits (log_batch: 1000 metrics, 100 params, 100 tags).
+
+Every failure is classified:
+  - transient (connection errors, timeouts, HTTP 429/5xx, 401/403, a run not created yet): the
+    request stays at the head of the queue and is retried with exponential backoff until it
+    succeeds or `close()` gives up;
+  - refused for good (MLflow's INVALID_PARAMETER_VALUE, e.g. a changed param value or a
+    deleted run; RESOURCE_DOES_NOT_EXIST; BAD_REQUEST; limits): the batch is split in halves
+    until the refused item(s) are isolated, everything else is written, and each refused item
+    goes to a dead-letter file (JSON lines, with MLflow's reason), so later items and other
+    runs keep flowing.
+Past `max_memory_items` queued items, new items spill to a JSON-lines file and come back in
+order; a line that cannot be read back is moved to a quarantine file and counted. No
+exception ends the writer thread, and `close()` never raises. Nothing here knows about FLARE,
+so the write path can be tested and benchmarked on its own.
 """
 
 import collections
@@ -17,10 +27,16 @@ import time
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from fl_lightning_mlflow.common.protocol import MAX_METRICS_PER_BATCH, MAX_PARAMS_PER_BATCH, MAX_TAGS_PER_BATCH
 from fl_lightning_mlflow.server.tracking_uri import redact_uri
+
+try:  # MLflow's HTTP client is requests; its errors are network trouble, worth retrying
+    from requests import RequestException
+except ImportError:  # pragma: no cover - requests ships with mlflow
+    RequestException = OSError
 
 SCAN = 20_000  # how far ahead one request gathers its run's items
 LIMITS = {"metric": MAX_METRICS_PER_BATCH, "param": MAX_PARAMS_PER_BATCH, "tag": MAX_TAGS_PER_BATCH}
@@ -29,6 +45,69 @@ LIMITS = {"metric": MAX_METRICS_PER_BATCH, "param": MAX_PARAMS_PER_BATCH, "tag":
 # ("tag", run_key, key, value), ("call", name, args): a named action run by the owner's handler
 # (create runs, log a model...), retried like the rest. Plain tuples so they spill as JSON.
 POINT_KINDS = ("metric", "param", "tag")
+ARITY = {"metric": 6, "param": 4, "tag": 4, "call": 3}
+
+DEAD_LETTER_FILE = "mlflow_dead_letter.jsonl"
+
+# MLflow error codes that mean "this request will never be accepted as it is". Everything else
+# MLflow raises (INTERNAL_ERROR - also what a failed connection becomes -, TEMPORARILY_UNAVAILABLE,
+# DEADLINE_EXCEEDED, REQUEST_LIMIT_EXCEEDED/RESOURCE_EXHAUSTED (429), ABORTED/RESOURCE_CONFLICT
+# (409), UNAUTHENTICATED/PERMISSION_DENIED (401/403: the start probe handles refused
+# credentials), ENDPOINT_NOT_FOUND (a proxy's 404, not about the item)...) is retried.
+REFUSED_CODES = frozenset(
+    {
+        "INVALID_PARAMETER_VALUE",  # changed param value, bad name/value, run not active (deleted)
+        "RESOURCE_DOES_NOT_EXIST",  # run or experiment missing
+        "RESOURCE_ALREADY_EXISTS",
+        "BAD_REQUEST",  # also what the SQL store makes of a database integrity error
+        "MALFORMED_REQUEST",
+        "INVALID_STATE_TRANSITION",
+        "RESOURCE_LIMIT_EXCEEDED",
+        "MAX_LIST_SIZE_EXCEEDED",
+        "MAX_BLOCK_SIZE_EXCEEDED",
+        "QUOTA_EXCEEDED",
+        "FEATURE_DISABLED",
+        "NOT_IMPLEMENTED",
+    }
+)
+
+
+class Refused(Exception):
+    """Raised where the write path itself knows a request can never succeed (e.g. its run is gone)."""
+
+
+class RunNotReady(RuntimeError):
+    """Points for a run whose creating action has not succeeded yet: always worth waiting for."""
+
+
+def refusal(error: BaseException) -> str | None:
+    """MLflow's reason when `error` refuses the request for good; None when it is worth retrying,
+    "?" when the type says nothing either way (retried a few times, then isolated)."""
+    if isinstance(error, Refused):
+        return str(error)
+    if isinstance(error, MlflowException):
+        code = getattr(error, "error_code", "")
+        if code in REFUSED_CODES:
+            return f"{code}: {getattr(error, 'message', error)}"
+        return None
+    if isinstance(error, (RunNotReady, OSError, RequestException)):  # OSError: connection, timeout, disk
+        return None
+    if isinstance(error, (ValueError, TypeError)):  # an item that cannot be made into a request
+        return f"{type(error).__name__}: {error}"
+    return "?"
+
+
+def parse_item(line: str) -> tuple | None:
+    """A spilled line back as a queue item, or None when it is torn or not an item."""
+    try:
+        item = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(item, list) or not item or ARITY.get(item[0]) != len(item):
+        return None
+    if item[0] != "call" and not isinstance(item[1], str):
+        return None
+    return tuple(item)
 
 
 class WriteQueue:
@@ -42,18 +121,31 @@ class WriteQueue:
         retry_max: float = 15.0,
         idle_flush: float = 0.5,
         logger: logging.Logger | None = None,
+        dead_letter_file=None,
+        unknown_error_attempts: int = 5,
     ):
         """actions: name -> callable(client, *args) for "call" items; may raise to be retried.
 
         run_ids: run_key -> MLflow run id, filled in by the actions that create runs.
+        dead_letter_file: where refused items go (default: mlflow_dead_letter.jsonl beside the
+            spill file).
+        unknown_error_attempts: how often a request failing with an exception that is neither
+            network trouble nor an MLflow error (e.g. a bug in an action) is tried before it is
+            isolated like a refused one, so it cannot hold every later item until job end.
         """
         self.client = None  # made in the writer thread: opening a database store does I/O
         self.tracking_uri = tracking_uri
         self.actions = actions
         self.run_ids: dict = {}
+        self.dead_runs: dict = {}  # run_key -> why MLflow will never take its items (deleted, not created)
         self.spill_file = Path(spill_file)
+        self.quarantine_file = self.spill_file.with_name(self.spill_file.stem + "_quarantine.jsonl")
+        self.dead_letter_file = (
+            Path(dead_letter_file) if dead_letter_file else self.spill_file.parent / DEAD_LETTER_FILE
+        )
         self.max_memory_items = max_memory_items
         self.retry_initial, self.retry_max, self.idle_flush = retry_initial, retry_max, idle_flush
+        self.unknown_error_attempts = max(1, unknown_error_attempts)
         self.log = logger or logging.getLogger(__name__)
         self._memory = collections.deque()
         self._spilled = 0  # items in the spill file not yet read back
@@ -61,144 +153,320 @@ class WriteQueue:
         self._cond = threading.Condition()
         self._closing = False
         self._abandon = False
-        self._taken: list = []
-        self.stats = collections.Counter()  # queued/written per kind, failures, retries
+        self._outcome: dict = {}  # position in the queue -> ("written" | "refused") for the current batch
+        self._isolate_unknown = False
+        # queued/written/refused per kind, failures, retries, spilled, quarantined
+        self.stats = collections.Counter()
+        self.written_by_run = collections.Counter()  # run_key -> points written
+        self.refused_by_run = collections.Counter()  # run_key -> points refused (in the dead letter)
         self.last_error = None
-        self._thread = threading.Thread(target=self._run, name="mlflow-writer", daemon=True)
+        self._thread = threading.Thread(target=self._main, name="mlflow-writer", daemon=True)
         self._thread.start()
 
     # ----- producer side: O(1), no I/O unless spilling -------------------------------------
     def put(self, item: tuple) -> None:
         with self._cond:
             if self._spilled or len(self._memory) >= self.max_memory_items:
-                self._spill(item)  # once spilling, keep order: everything newer goes to the file too
+                try:
+                    self._spill(item)  # once spilling, keep order: everything newer goes to the file too
+                except (OSError, TypeError, ValueError) as e:
+                    # Disk full or an unserializable item: keep it in memory rather than lose it
+                    # (order against the spilled items is given up for this one item).
+                    self.stats["spill_failures"] += 1
+                    self.log.warning(f"MLflow queue: could not spill an item ({type(e).__name__}: {e}); kept in memory")
+                    self._memory.append(item)
             else:
                 self._memory.append(item)
             self.stats[f"queued_{item[0]}"] += 1
             self._cond.notify()
 
     def _spill(self, item) -> None:
+        line = json.dumps(item) + "\n"  # before opening: an unserializable item leaves the file intact
         self.spill_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.spill_file, "a") as f:
-            f.write(json.dumps(item) + "\n")
+            f.write(line)
         self._spilled += 1
         self.stats["spilled"] += 1
 
     def pending(self) -> collections.Counter:
-        """Queued but not yet written, by kind (memory and spill file)."""
+        """Queued but not yet written nor refused, by kind (memory and spill file); spilled lines
+        that cannot be read count as "unreadable"."""
         with self._cond:
             counts = collections.Counter(item[0] for item in self._memory)
             if self._spilled:
-                with open(self.spill_file) as f:
-                    f.seek(self._spill_read_pos)
-                    for line in f:
-                        counts[json.loads(line)[0]] += 1
+                try:
+                    with open(self.spill_file) as f:
+                        f.seek(self._spill_read_pos)
+                        for line in f:
+                            item = parse_item(line)
+                            counts[item[0] if item else "unreadable"] += 1
+                except OSError:
+                    counts["unreadable"] += self._spilled
             return counts
 
-    # ----- writer thread ----------------------------------------------------------------------
+    # ----- writer thread: taking items ------------------------------------------------------------
     def _refill_from_spill(self) -> None:
-        """Called with the lock held when memory is empty: read back the oldest spilled items."""
-        with open(self.spill_file) as f:
+        """Called with the lock held when memory is empty: read back the oldest spilled items.
+        A line that is not an item (torn by a crash or a full disk) goes to the quarantine file."""
+        try:
+            f = open(self.spill_file)
+        except FileNotFoundError:  # removed under us: nothing to read back; say how much went
+            self.stats["spill_missing"] += self._spilled
+            self.log.error(f"MLflow queue: spill file {self.spill_file} vanished with {self._spilled} items")
+            self._spilled, self._spill_read_pos = 0, 0
+            return
+        with f:
             f.seek(self._spill_read_pos)
             while len(self._memory) < self.max_memory_items // 2 or not self._memory:
                 line = f.readline()
                 if not line:
+                    # The count and the file disagree (a torn line swallowed the next one's newline):
+                    # the file is the truth.
+                    self._spilled = 0
                     break
-                self._memory.append(tuple(json.loads(line)))
                 self._spilled -= 1
+                item = parse_item(line)
+                if item is None:
+                    self._quarantine(line)
+                else:
+                    self._memory.append(item)
             self._spill_read_pos = f.tell()
-        if not self._spilled:
+        if self._spilled <= 0:
+            self._spilled = 0
             self.spill_file.unlink(missing_ok=True)
             self._spill_read_pos = 0
 
-    def _take(self) -> list:
-        """The next request's worth of items: one action, or points for one run within the limits.
+    def _quarantine(self, line: str) -> None:
+        self.stats["quarantined"] += 1
+        try:
+            with open(self.quarantine_file, "a") as q:
+                q.write(line if line.endswith("\n") else line + "\n")
+        except OSError as e:
+            self.log.error(f"MLflow queue: could not keep an unreadable spill line aside: {e}")
+        if self.stats["quarantined"] == 1:
+            self.log.error(f"MLflow queue: unreadable line(s) in {self.spill_file} moved to {self.quarantine_file}")
+
+    def _take(self) -> list | None:
+        """The next request's worth of items as [(position, item)]: one action, or points for one
+        run within the limits; None when closing and empty.
 
         Sites' records interleave in the queue, so points for the head item's run are gathered
-        from up to SCAN items ahead (never past an action, which must keep its place).
+        from up to SCAN items ahead (never past an action, which must keep its place). A param
+        whose key is already in the batch with another value is left for the next request: MLflow
+        refuses duplicate keys in one batch, and then refuses it alone, with its own reason.
         """
         with self._cond:
             while not self._memory and not self._spilled:
                 if self._closing:
-                    return []
+                    return None
                 self._cond.wait(self.idle_flush)
             if not self._memory:
                 self._refill_from_spill()
+                if not self._memory:
+                    return []
             first = self._memory[0]
             if first[0] == "call":
-                self._taken = [0]
-                return [first]
-            run_key, counts = first[1], collections.Counter()
+                return [(0, first)]
+            run_key, counts, params = first[1], collections.Counter(), {}
             taken = []
             for i, item in enumerate(itertools.islice(self._memory, SCAN)):
                 if item[0] == "call":
                     break
-                if item[1] == run_key and counts[item[0]] < LIMITS[item[0]]:
-                    counts[item[0]] += 1
-                    taken.append(i)
-            self._taken = taken
-            return [self._memory[i] for i in taken]
+                if item[1] != run_key or counts[item[0]] >= LIMITS[item[0]]:
+                    continue
+                if item[0] == "param" and params.setdefault(item[2], item[3]) != item[3]:
+                    continue
+                counts[item[0]] += 1
+                taken.append((i, item))
+            return taken
 
-    def _done(self) -> None:
-        """Remove the items the last _take returned (positions in the first SCAN items)."""
+    def _settle(self) -> None:
+        """Remove the items of the current batch that were written or refused, and count them."""
+        outcome, self._outcome = self._outcome, {}
+        if not outcome:
+            return
         with self._cond:
-            taken = set(self._taken)
-            head = [self._memory.popleft() for _ in range(min(len(self._memory), max(taken) + 1))]
-            keep = [item for i, item in enumerate(head) if i not in taken]
-            for i in taken:
-                self.stats[f"written_{head[i][0]}"] += 1
+            last = max(outcome)
+            head = [self._memory.popleft() for _ in range(min(len(self._memory), last + 1))]
+            keep = [item for i, item in enumerate(head) if i not in outcome]
+            for i, result in outcome.items():
+                if i >= len(head):
+                    continue
+                item = head[i]
+                self.stats[f"{result}_{item[0]}"] += 1
+                if item[0] in POINT_KINDS:
+                    (self.written_by_run if result == "written" else self.refused_by_run)[item[1]] += 1
             self._memory.extendleft(reversed(keep))
             self._cond.notify_all()
 
+    # ----- writer thread: sending -------------------------------------------------------------------
     def _write(self, items: list) -> None:
         if items[0][0] == "call":
             _, name, args = items[0]
+            if name not in self.actions:
+                raise Refused(f"no action named {name!r}")
             self.actions[name](self.client, *args)
             return
         run_key = items[0][1]
         run_id = self.run_ids.get(run_key)
         if run_id is None:
-            raise RuntimeError(f"no MLflow run for {run_key!r} yet")
+            raise RunNotReady(f"no MLflow run for {run_key!r} yet")
         metrics = [Metric(i[2], float(i[3]), int(i[4]), int(i[5])) for i in items if i[0] == "metric"]
-        params = [Param(i[2], i[3]) for i in items if i[0] == "param"]
+        # Identical params in one batch are sent once: MLflow refuses a key twice in a batch.
+        params = [Param(k, v) for k, v in dict.fromkeys((i[2], i[3]) for i in items if i[0] == "param")]
         tags = [RunTag(i[2], i[3]) for i in items if i[0] == "tag"]
         self.client.log_batch(run_id, metrics=metrics, params=params, tags=tags, synchronous=True)
 
-    def _run(self) -> None:
-        delay = self.retry_initial
-        while not self._abandon:
-            items = self._take()
-            if not items:
+    def _send(self, batch: list, checked_run: bool = False) -> None:
+        """Write batch [(position, item)], isolating what MLflow refuses by halving the batch;
+        outcomes go to self._outcome; a transient error propagates (what was settled stays)."""
+        first = batch[0][1]
+        if first[0] != "call" and first[1] in self.dead_runs:
+            for pos, item in batch:
+                self._dead_letter(pos, item, self.dead_runs[first[1]], "RUN_GONE")
+            return
+        try:
+            self._write([item for _, item in batch])
+        except Exception as e:  # noqa: BLE001 - classified below; transient ones go up to back off
+            reason = refusal(e)
+            if reason == "?" and self._isolate_unknown:
+                reason = f"gave up after {self.unknown_error_attempts} attempts: {type(e).__name__}: {e}"
+            if reason is None or reason == "?":
+                raise
+            if first[0] != "call" and not checked_run and self._run_gone(first[1]):
+                return self._send(batch, checked_run=True)  # now in dead_runs: all dead-lettered
+            if len(batch) == 1:
+                code = getattr(e, "error_code", None) or type(e).__name__
+                self._dead_letter(batch[0][0], batch[0][1], reason, code)
                 return
+            half = len(batch) // 2
+            self._send(batch[:half], checked_run=True)
+            self._send(batch[half:], checked_run=True)
+            return
+        for pos, _ in batch:
+            self._outcome[pos] = "written"
+
+    def _run_gone(self, run_key) -> bool:
+        """After a refusal: is the run itself deleted or missing? Then none of its items can be
+        written, and they are dead-lettered without a request each."""
+        run_id = self.run_ids.get(run_key)
+        try:
+            stage = self.client.get_run(run_id).info.lifecycle_stage
+        except MlflowException as e:
+            if getattr(e, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
+                return False
+            stage = "missing"
+        if stage == "active":
+            return False
+        self.mark_dead(run_key, f"run {run_id} is {stage} in MLflow")
+        return True
+
+    def mark_dead(self, run_key, reason: str) -> None:
+        """No item of this run can ever be written (its run was deleted, or MLflow refused to
+        create it): its items go to the dead letter without being sent."""
+        if run_key not in self.dead_runs:
+            self.dead_runs[run_key] = reason
+            self.log.error(f"MLflow refuses every write to {run_key!r}: {redact_uri(reason)}")
+
+    def _dead_letter(self, pos, item, reason, code) -> None:
+        self._outcome[pos] = "refused"
+        run_key = item[1] if item[0] in POINT_KINDS else None
+        record = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "run_key": run_key,
+            "run_id": self.run_ids.get(run_key) if run_key is not None else None,
+            "item": list(item),
+            "error_code": str(code),
+            "reason": redact_uri(str(reason))[:2000],
+        }
+        try:
+            self.dead_letter_file.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.dead_letter_file, "a") as f:
+                f.write(json.dumps(record, default=str) + "\n")
+        except (OSError, TypeError, ValueError) as e:
+            self.stats["dead_letter_write_failures"] += 1
+            self.log.error(f"MLflow queue: could not record a refused item in {self.dead_letter_file}: {e}")
+        refused = self.stats["refused_metric"] + self.stats["refused_param"] + self.stats["refused_tag"]
+        if refused < 10 or item[0] == "call":  # the first few in the log; all of them in the file
+            what = f"{item[0]} {item[2]!r} of {run_key!r}" if run_key is not None else f"action {item[1]!r}"
+            self.log.warning(f"MLflow refused {what} for good: {record['reason'][:300]} (in {self.dead_letter_file})")
+
+    # ----- writer thread: the loop ---------------------------------------------------------------
+    def _main(self) -> None:
+        """The thread's body: whatever goes wrong in the loop, the loop starts again."""
+        while True:
+            try:
+                self._run()
+                return
+            except BaseException as e:  # noqa: BLE001 - the writer must outlive any bug of ours
+                self.stats["writer_errors"] += 1
+                self.last_error = e
+                try:
+                    self.log.exception(f"MLflow writer: unexpected {type(e).__name__}; continuing")
+                    self._outcome = {}
+                    with self._cond:
+                        self._cond.wait(self.retry_initial)
+                except BaseException:  # noqa: BLE001, S110 - logging itself failed; keep going
+                    time.sleep(self.retry_initial)
+                if self._abandon:
+                    return
+
+    def _run(self) -> None:
+        delay, unknown_failures = self.retry_initial, 0
+        while not self._abandon:
+            batch = self._take()
+            if batch is None:
+                return
+            if not batch:
+                continue
+            error = None
             try:
                 if self.client is None:
                     self.client = MlflowClient(self.tracking_uri)
-                self._write(items)
-            except Exception as e:  # any failure: keep the items, back off, retry
-                self.stats["failures"] += 1
-                if str(e) != str(self.last_error):
-                    error = redact_uri(str(e))  # a URI's user:password@ stays out of logs
-                    self.log.warning(f"MLflow write failed, will retry (items kept): {type(e).__name__}: {error}")
-                self.last_error = e
-                with self._cond:
-                    self._cond.wait(delay)
-                delay = min(delay * 2, self.retry_max)
+                self._send(batch)
+            except Exception as e:  # noqa: BLE001 - a transient failure (or an unknown one, retried)
+                error = e
+            finally:
+                self._isolate_unknown = False
+                self._settle()  # what was written or refused before a failure is done with
+            if error is None:
+                if delay != self.retry_initial:
+                    self.log.info("MLflow writes succeed again")
+                    self.last_error = None
+                delay, unknown_failures = self.retry_initial, 0
                 continue
-            if delay != self.retry_initial:
-                self.log.info("MLflow writes succeed again")
-                self.last_error = None
-            delay = self.retry_initial
-            self._done()
+            self.stats["failures"] += 1
+            if refusal(error) == "?":
+                unknown_failures += 1
+                self._isolate_unknown = unknown_failures >= self.unknown_error_attempts
+                if self._isolate_unknown:
+                    unknown_failures = 0
+            if str(error) != str(self.last_error):
+                message = redact_uri(str(error))  # a URI's user:password@ stays out of logs
+                self.log.warning(f"MLflow write failed, will retry (items kept): {type(error).__name__}: {message}")
+            self.last_error = error
+            with self._cond:
+                self._cond.wait(delay)
+            delay = min(delay * 2, self.retry_max)
 
+    # ----- the end -----------------------------------------------------------------------------------
     def close(self, timeout: float) -> collections.Counter:
-        """Write what is queued, waiting up to timeout seconds; returns what could not be written."""
-        with self._cond:
-            self._closing = True
-            self._cond.notify_all()
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            self._abandon = True
-        return self.pending()
+        """Write what is queued, waiting up to timeout seconds; returns what could not be written
+        (refused items are not in it: they are in the dead letter). Never raises."""
+        try:
+            with self._cond:
+                self._closing = True
+                self._cond.notify_all()
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                self._abandon = True
+            return self.pending()
+        except Exception as e:  # noqa: BLE001 - the caller must still write its account
+            self.log.error(f"MLflow queue: close failed ({type(e).__name__}: {e}); counting what is in memory")
+            counts = collections.Counter(item[0] for item in list(self._memory))
+            if self._spilled:
+                counts["unreadable"] += self._spilled
+            return counts
 
     def drain(self, timeout: float) -> bool:
         """Wait until the queue is empty (True) or timeout passes (False); the writer keeps going."""
