@@ -4,23 +4,37 @@ One parent run per FL job (role=federation) and one nested child run per site (r
 mlflow.parentRunId). Nothing here blocks its caller: every write is an item of the WriteQueue,
 whose writer thread runs the "call" actions below (creating runs, logging models, the
 cross-site table) and retries them like any point until the job ends.
+
+The actions are idempotent, because a request MLflow commits may still fail on the way back
+(a lost reply) and is then retried: runs are looked up by their tags before they are created
+(tag JOB_UID_TAG, a uuid made when the sink starts: the simulator's job id is always
+"simulate_job", so a job id would match an earlier run), and a registered model version is
+looked up by its tags before one is registered (tags given at registration, not after).
 """
 
 import collections
 import importlib
 import json
+import logging
 import sys
+import uuid
 from importlib import metadata
 from pathlib import Path
 
 from fl_lightning_mlflow.common.protocol import MAX_PARAM_VALUE_LENGTH, MAX_TAG_VALUE_LENGTH, PARENT_RUN_KEY, STATS_FILE
 from fl_lightning_mlflow.server.tracking_uri import redact_uri
-from fl_lightning_mlflow.server.write_queue import WriteQueue
+from fl_lightning_mlflow.server.write_queue import DEAD_LETTER_FILE, Refused, RunNotReady, WriteQueue, refusal
 
 PARENT = PARENT_RUN_KEY  # the run key of the job's parent run; sites' run keys are their names
 
 SPILL_FILE = "mlflow_spill.jsonl"
 CROSS_SITE_TABLE = "cross_site_validation.json"
+JOB_UID_TAG = "fl_job_uid"  # unique per job start, on every run and registered version of the job
+
+
+def _quoted(value) -> str:
+    """A value for an MLflow filter string (single-quoted; a quote inside is escaped)."""
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def versions() -> dict:
@@ -53,7 +67,21 @@ class ModelLogger:
         # code_paths takes the whole top-level package, so the pickled class imports where the model loads
         return net.eval(), str(Path(sys.modules[module.partition(".")[0]].__file__).parent)
 
-    def log(self, client, tracking_uri, parent_id, job_id, final_path, best_path, best_info, register):
+    def log(
+        self,
+        client,
+        tracking_uri,
+        parent_id,
+        job_id,
+        final_path,
+        best_path,
+        best_info,
+        register,
+        job_uid="",
+        exp_id=None,
+    ):
+        """Log both models on the parent run and register the best. Retried whole after a
+        failure, so each step first looks for what an earlier attempt (or a lost reply) did."""
         import mlflow
         import mlflow.pytorch
         import numpy as np
@@ -64,24 +92,45 @@ class ModelLogger:
             for name, path in (("final_global_model", final_path), ("best_global_model", best_path)):
                 if name in self.logged or not Path(path).is_file():
                     continue
-                net, code = self.load(path)
-                registered = self.registered_model_name if (name == "best_global_model" and register) else None
-                info = mlflow.pytorch.log_model(
-                    net,
-                    name=name,
-                    code_paths=[code],
-                    input_example=example,
-                    pip_requirements=[f"torch=={metadata.version('torch')}"],
-                    registered_model_name=registered,
-                    serialization_format="pickle",  # a plain nn.Module: any batch size, code_paths bring the class
-                )
-                if registered and info.registered_model_version:
-                    version = str(info.registered_model_version)
+                model_uri = self.logged_model_uri(client, exp_id, parent_id, name)
+                if model_uri is None:
+                    net, code = self.load(path)
+                    model_uri = mlflow.pytorch.log_model(
+                        net,
+                        name=name,
+                        code_paths=[code],
+                        input_example=example,
+                        pip_requirements=[f"torch=={metadata.version('torch')}"],
+                        serialization_format="pickle",  # a plain nn.Module: any batch size, code_paths bring the class
+                    ).model_uri
+                if name == "best_global_model" and register:
+                    tags = {"job_id": job_id, JOB_UID_TAG: job_uid, "model": name}
                     if best_info:
-                        client.set_model_version_tag(registered, version, "round", str(best_info[0]))
-                        client.set_model_version_tag(registered, version, "key_metric_value", str(best_info[1]))
-                    client.set_model_version_tag(registered, version, "job_id", job_id)
+                        tags.update(round=str(best_info[0]), key_metric_value=str(best_info[1]))
+                    self.register(client, model_uri, tags)
                 self.logged.add(name)
+
+    @staticmethod
+    def logged_model_uri(client, exp_id, run_id, name) -> str | None:
+        """The model an earlier attempt logged on this run under this name, if it completed."""
+        if exp_id is None:
+            return None
+        found = client.search_logged_models(
+            experiment_ids=[exp_id], filter_string=f"source_run_id = {_quoted(run_id)} AND name = {_quoted(name)}"
+        )
+        ready = [m for m in found if str(m.status) == "READY"]
+        return f"models:/{ready[0].model_id}" if ready else None
+
+    def register(self, client, model_uri, tags):
+        """One registered version per job: tags are set at registration (no window between
+        registering and tagging), and a version carrying this job's tags is reused."""
+        import mlflow
+
+        name = self.registered_model_name
+        query = f"name = {_quoted(name)} AND tags.{JOB_UID_TAG} = {_quoted(tags[JOB_UID_TAG])}"
+        query += f" AND tags.model = {_quoted(tags['model'])}"
+        if not client.search_model_versions(query):
+            mlflow.register_model(model_uri, name, tags=tags)
 
 
 class MLflowSink:
@@ -104,20 +153,30 @@ class MLflowSink:
         self.run_tags, self.description = dict(run_tags or {}), description
         self.promote_params, self._promoted = set(promote_params), set()
         self.run_dir, self.sites, self.job_id = Path(run_dir), [], ""
+        self.job_uid = uuid.uuid4().hex  # this job start's runs, whatever the job id (simulator: always the same)
+        self.log = logger or logging.getLogger(__name__)
         actions = {
             "setup": self._setup_runs,
             "child": self._create_child,
             "log_models": self._log_models,
             "log_table": self._log_table,
-            "log_text": lambda client, key, text, path: client.log_text(self.queue.run_ids[key], text, path),
-            "terminate": lambda client, key, status: client.set_terminated(self.queue.run_ids[key], status),
+            "log_text": lambda client, key, text, path: client.log_text(self._run_id(key), text, path),
+            "terminate": lambda client, key, status: client.set_terminated(self._run_id(key), status),
         }
-        self.queue = WriteQueue(tracking_uri, self.run_dir / SPILL_FILE, actions, logger=logger, **queue_args)
+        self.queue = WriteQueue(
+            tracking_uri,
+            self.run_dir / SPILL_FILE,
+            actions,
+            logger=logger,
+            dead_letter_file=self.run_dir / DEAD_LETTER_FILE,
+            **queue_args,
+        )
 
     # ----- what the tracker queues (FLARE's threads: never waits on MLflow) --------------------
     def start(self, job_name, job_id, sites, tags, fl_params, artifacts=None):
         self.job_id, self.sites = job_id, list(sites)
         tags = {**self.run_tags, "job_id": job_id, "sites": ",".join(self.sites), **versions(), **tags}
+        tags[JOB_UID_TAG] = self.job_uid
         self.queue.put(("call", "setup", [job_name, artifacts, tags]))
         for key, value in fl_params.items():
             self.param(PARENT, key, value)
@@ -158,85 +217,172 @@ class MLflowSink:
     def finish(self, status, failure, site_status, models: tuple, flush_timeout) -> collections.Counter:
         """Queue the end (failure tag, models, statuses), write what can be written within
         flush_timeout seconds and return what could not. models: (final path, best path,
-        (round, value) or None)."""
-        if failure:
-            self.tags(PARENT, [("failure_reason", failure)])
-        final, best, best_info = models
-        if Path(final).is_file() or Path(best).is_file():
-            register = status == "FINISHED"
-            self.queue.put(("call", "log_models", [str(final), str(best), list(best_info or []) or None, register]))
+        (round, value) or None). Never raises: the runs' statuses and the stats file must follow."""
+        try:
+            if failure:
+                self.tags(PARENT, [("failure_reason", failure)])
+            final, best, best_info = models
+            if Path(final).is_file() or Path(best).is_file():
+                register = status == "FINISHED"
+                self.queue.put(("call", "log_models", [str(final), str(best), list(best_info or []) or None, register]))
+        except Exception as e:  # noqa: BLE001 - the models are optional; the statuses are not
+            self.log.error(f"MLflow: could not queue the job's models: {type(e).__name__}: {e}")
         for site in self.sites:
             self.queue.put(("call", "terminate", [site, site_status.get(site, status)]))
         self.queue.put(("call", "terminate", [PARENT, status]))
-        flushed = self.queue.drain(flush_timeout)
+        try:
+            flushed = self.queue.drain(flush_timeout)
+        except Exception:  # noqa: BLE001 - close() counts what is left
+            flushed = False
         return self.queue.close(timeout=5 if flushed else 1)
 
     # ----- writer thread actions (idempotent: a failed attempt is retried whole) -----------------
+    def _run_id(self, run_key) -> str:
+        """The run id for an action on run_key: refused for good if the run can never exist."""
+        if run_key in self.queue.dead_runs:
+            raise Refused(self.queue.dead_runs[run_key])
+        if run_key not in self.queue.run_ids:
+            raise RunNotReady(f"no MLflow run for {run_key!r} yet")
+        return self.queue.run_ids[run_key]
+
+    def _find_run(self, client, exp_id, tags: dict):
+        """The active run of this job start carrying all `tags`, made by an earlier attempt whose
+        reply was lost, or None."""
+        query = " AND ".join(f"tags.{k} = {_quoted(v)}" for k, v in {JOB_UID_TAG: self.job_uid, **tags}.items())
+        try:
+            found = client.search_runs([exp_id], filter_string=query, max_results=2)
+        except Exception as e:
+            if refusal(e) is None:
+                raise  # network trouble: the whole action is retried
+            # A store that cannot search this way: creating is still right on a first attempt.
+            self.log.warning(f"MLflow: could not look up runs by tag ({type(e).__name__}: {e})")
+            return None
+        return found[0].info.run_id if found else None
+
     def _setup_runs(self, client, job_name, artifacts, tags):
-        exp = client.get_experiment_by_name(self.experiment_name)
-        exp_id = (
-            exp.experiment_id
-            if exp
-            else client.create_experiment(self.experiment_name, artifacts, tags=self.experiment_tags)
-        )
-        if self.description:
-            client.set_experiment_tag(exp_id, "mlflow.note.content", self.description)
-        self.queue.experiment_id = exp_id
-        if PARENT not in self.queue.run_ids:
-            parent = client.create_run(exp_id, run_name=job_name, tags={**tags, "role": "federation"})
-            self.queue.run_ids[PARENT] = parent.info.run_id
+        try:
+            exp = client.get_experiment_by_name(self.experiment_name)
+            if exp:
+                exp_id = exp.experiment_id
+            else:
+                try:
+                    exp_id = client.create_experiment(self.experiment_name, artifacts, tags=self.experiment_tags)
+                except Exception as e:  # created by an attempt whose reply was lost, or by another job
+                    exp = client.get_experiment_by_name(self.experiment_name)
+                    if exp is None:
+                        raise
+                    exp_id = exp.experiment_id
+                    self.log.info(f"MLflow: experiment {self.experiment_name!r} exists after all ({type(e).__name__})")
+            if self.description:
+                client.set_experiment_tag(exp_id, "mlflow.note.content", self.description)
+            self.queue.experiment_id = exp_id
+            if PARENT not in self.queue.run_ids:
+                tags = {**tags, JOB_UID_TAG: self.job_uid, "role": "federation"}
+                parent_id = self._find_run(client, exp_id, {"role": "federation"})
+                if parent_id is None:
+                    parent_id = client.create_run(exp_id, run_name=job_name, tags=tags).info.run_id
+                self.queue.run_ids[PARENT] = parent_id
+        except Exception as e:
+            self._refused_runs(e, [PARENT, *self.sites])
+            raise
         for site in self.sites:
             self._create_child(client, site)
 
     def _create_child(self, client, site):
-        if site not in self.queue.run_ids:
-            parent_id = self.queue.run_ids[PARENT]
-            tags = {**self.run_tags, "mlflow.parentRunId": parent_id, "site": site, "role": "site"}
-            self.queue.run_ids[site] = client.create_run(self.queue.experiment_id, run_name=site, tags=tags).info.run_id
+        if site in self.queue.run_ids:
+            return
+        try:
+            parent_id = self._run_id(PARENT)
+            tags = {"site": site, "role": "site"}
+            run_id = self._find_run(client, self.queue.experiment_id, tags)
+            if run_id is None:
+                tags = {**self.run_tags, "mlflow.parentRunId": parent_id, JOB_UID_TAG: self.job_uid, **tags}
+                run_id = client.create_run(self.queue.experiment_id, run_name=site, tags=tags).info.run_id
+            self.queue.run_ids[site] = run_id
+        except Exception as e:
+            self._refused_runs(e, [site])
+            raise
+
+    def _refused_runs(self, error, run_keys) -> None:
+        """MLflow refused for good to make these runs (e.g. the experiment is deleted): none of
+        their items can be written; they go to the dead letter instead of waiting until job end."""
+        reason = refusal(error)
+        if reason not in (None, "?"):
+            for key in run_keys:
+                if key not in self.queue.run_ids:
+                    self.queue.mark_dead(key, f"run not created: {reason}")
 
     def _log_table(self, client, run_key, rows, artifact_file):
         columns = {name: [r[name] for r in rows] for name in ("model", "data_site", "metric", "value")}
-        client.log_table(self.queue.run_ids[run_key], columns, artifact_file)
+        client.log_table(self._run_id(run_key), columns, artifact_file)
 
     def _log_models(self, client, final_path, best_path, best_info, register):
-        parent_id = self.queue.run_ids[PARENT]
+        parent_id, exp_id = self._run_id(PARENT), getattr(self.queue, "experiment_id", None)
         self.models.log(
-            client, self.queue.tracking_uri, parent_id, self.job_id, final_path, best_path, best_info, register
-        )
+            client, self.queue.tracking_uri, parent_id, self.job_id, final_path, best_path, best_info, register,
+            job_uid=self.job_uid, exp_id=exp_id,
+        )  # fmt: skip
 
     # ----- the account ---------------------------------------------------------------------------
     def report(self, status, failure, lost, records, timings: dict) -> tuple:
-        """Write the stats file; returns (nothing lost, the one line to log)."""
-        stats = {
-            "status": status,
-            "failure": failure,
-            "received": {site: dict(c) for site, c in records.received.items()},
-            "written": {k: v for k, v in self.queue.stats.items() if k.startswith("written_")},
-            "lost": dict(lost),
-            "rejected": dict(records.rejected),
-            "truncated": dict(records.truncated),
-            "write_failures": self.queue.stats["failures"],
-            "spilled": self.queue.stats["spilled"],
-            "max_event_seconds": round(timings["max_event_seconds"], 6),
-            "probe_seconds": round(timings["probe_seconds"], 6),
-            "slowest_event": timings["slowest_event"],
-            "run_ids": dict(self.queue.run_ids),
-        }
-        path = self.run_dir / STATS_FILE
-        path.write_text(json.dumps(stats, indent=2))
+        """Write the stats file; returns (nothing lost nor refused, the one line to log). Never
+        raises: whatever part of the account cannot be made, the file is written."""
+        queue, path = self.queue, self.run_dir / STATS_FILE
+        refused = {key: n for key, n in queue.refused_by_run.items() if n}
+        stats = {"status": status, "failure": failure, "lost": dict(lost)}
+        try:
+            stats.update(
+                {
+                    "received": {site: dict(c) for site, c in records.received.items()},
+                    "written": {k: v for k, v in queue.stats.items() if k.startswith("written_")},
+                    "lost": dict(lost),
+                    "refused": refused,  # run key -> points MLflow refused for good (in the dead letter)
+                    "refused_actions": queue.stats["refused_call"],
+                    "dead_letter": str(queue.dead_letter_file) if queue.dead_letter_file.exists() else None,
+                    "quarantined": queue.stats["quarantined"],  # unreadable spill-file lines, kept aside
+                    "rejected": dict(records.rejected),
+                    "truncated": dict(records.truncated),
+                    "write_failures": queue.stats["failures"],
+                    "spilled": queue.stats["spilled"],
+                    "max_event_seconds": round(timings["max_event_seconds"], 6),
+                    "probe_seconds": round(timings["probe_seconds"], 6),
+                    "slowest_event": timings["slowest_event"],
+                    "run_ids": dict(queue.run_ids),
+                }
+            )
+        except Exception as e:  # noqa: BLE001 - a partial account is better than none
+            stats["account_error"] = f"{type(e).__name__}: {e}"
+            stats.setdefault("run_ids", dict(queue.run_ids))
+        try:
+            path.write_text(json.dumps(stats, indent=2, default=str))
+        except (OSError, TypeError, ValueError) as e:
+            self.log.error(f"MLflow: could not write {path}: {e}")
+        if queue.client is not None:
+            marks = [(key, "refused_items", str(n)) for key, n in refused.items() if key not in queue.dead_runs]
+            if sum(lost.values()):
+                marks.append((PARENT, "lost_items", json.dumps(dict(lost))))
+            for key, tag, value in marks:  # one quick attempt each to mark it on the run itself
+                try:
+                    if key in queue.run_ids:
+                        queue.client.set_tag(queue.run_ids[key], tag, value)
+                except Exception:  # noqa: BLE001, S110 - the server is still unreachable; the log and file say it
+                    pass
+        where = f"counts in {path}"
+        if refused:
+            where += f"; refused items with MLflow's reasons in {queue.dead_letter_file}"
         if not sum(lost.values()):
+            if refused:
+                return (
+                    False,
+                    f"MLflow: refused {sum(refused.values())} item(s) for good {refused}; status {status}; {where}",
+                )
             slowest = timings["max_event_seconds"] * 1000
             return (
                 True,
-                f"MLflow: all written ({stats['written']}); status {status}; slowest event handled in {slowest:.1f} ms",
+                f"MLflow: all written ({stats.get('written')}); status {status}; "
+                f"slowest event handled in {slowest:.1f} ms",
             )
-        try:  # one quick attempt to mark the loss on the run itself
-            if PARENT in self.queue.run_ids and self.queue.client is not None:
-                self.queue.client.set_tag(self.queue.run_ids[PARENT], "lost_items", json.dumps(dict(lost)))
-        except Exception:  # noqa: BLE001 - the server is still unreachable; the log and file say it
-            pass
-        error = redact_uri(str(self.queue.last_error))
-        where = f"counts in {path}"
+        error = redact_uri(str(queue.last_error))
         return (
             False,
             f"MLflow: could not write {dict(lost)} after retrying until job end (last error: {error}); {where}",
