@@ -20,6 +20,10 @@ from fl_lightning_mlflow.common.protocol import (
 LIMITS = {"param": MAX_PARAM_VALUE_LENGTH, "tag": MAX_TAG_VALUE_LENGTH}
 
 
+def _has_values(record) -> bool:
+    return isinstance(record, (list, tuple)) and len(record) == 3 and isinstance(record[2], dict)
+
+
 def _is_step(step) -> bool:
     return isinstance(step, int) and not isinstance(step, bool) and step >= 0
 
@@ -30,6 +34,9 @@ class RecordChecker:
         self.warn = warn
         self.received = collections.defaultdict(collections.Counter)  # site -> kind -> accepted
         self.rejected = collections.Counter()  # "site: what" -> times
+        # site -> items refused (values of a refused record, not records): what delivery
+        # accounting (server.delivery) subtracts from what a site sent before calling it lost
+        self.rejected_items = collections.Counter()
         self.truncated = collections.Counter()
         self._auto_step = collections.Counter()  # (site, name) -> next step when none is given
 
@@ -37,16 +44,17 @@ class RecordChecker:
         """records: [[step, round, {name: value}], ...] (FlareLogger's batch). Returns the
         accepted points [(name, float value, step)]; everything else is counted and logged."""
         points, budget = [], MAX_ITEMS_PER_EVENT
-        for record in records:
-            if not (isinstance(record, (list, tuple)) and len(record) == 3 and isinstance(record[2], dict)):
+        for i, record in enumerate(records):
+            if not _has_values(record):
                 self.reject(site, "metric record", None, "is not [step, round, {name: value}]")
                 continue
             step, _, values = record
             if step is not None and not _is_step(step):
-                self.reject(site, "metric record", None, f"has step {str(step)[:20]!r}, not an int >= 0")
+                self.reject(site, "metric record", None, f"has step {str(step)[:20]!r}, not an int >= 0", len(values))
                 continue
             if len(values) > budget:
-                self.reject(site, "metric record", None, f"exceeds {MAX_ITEMS_PER_EVENT} values per event")
+                rest = sum(len(r[2]) for r in records[i:] if _has_values(r))
+                self.reject(site, "metric record", None, f"exceeds {MAX_ITEMS_PER_EVENT} values per event", rest)
                 break
             budget -= len(values)
             for key, value in values.items():
@@ -70,7 +78,7 @@ class RecordChecker:
     def texts(self, site: str, item: str, values: dict) -> list:
         """item "param" or "tag"; values {name: value}. Returns [(name, text)] within MLflow's limits."""
         if len(values) > MAX_ITEMS_PER_EVENT:
-            self.reject(site, f"{item}s event", None, f"exceeds {MAX_ITEMS_PER_EVENT} values per event")
+            self.reject(site, f"{item}s event", None, f"exceeds {MAX_ITEMS_PER_EVENT} values per event", len(values))
             return []
         accepted = []
         for key, value in values.items():
@@ -91,13 +99,15 @@ class RecordChecker:
             text = text[:limit]
         return text
 
-    def reject(self, site: str, kind: str, key, reason: str | None = None) -> bool:
+    def reject(self, site: str, kind: str, key, reason: str | None = None, items: int = 1) -> bool:
         """Refuse what MLflow would refuse (a name, for metric/param/tag) or a malformed record,
-        with a reason logged once as "rejected <site>: ..."; True if refused."""
+        with a reason logged once as "rejected <site>: ..."; True if refused. items: how many
+        values the refused thing held (a record's), for the site's delivery account."""
         reason = reason or (check_key(key) if kind in ("metric", "param", "tag") else None)
         if reason:
             named = f" name {str(key)[:60]!r}" if key is not None else ""
             self._count(self.rejected, f"{site}: {kind}{named} {reason}", "rejected ")
+            self.rejected_items[site] += items
         return reason is not None
 
     def unsupported(self, site: str, kind) -> None:

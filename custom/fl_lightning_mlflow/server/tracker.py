@@ -7,10 +7,13 @@ turns FLARE events into calls of the rooms that do the work, none of which knows
   - records.RecordChecker: what sites stream, checked and bounded;
   - summary.FederationSummary: per-round global metrics (weighted as the model selector
     weighs), best model, cross-site matrix, final status;
+  - delivery.DeliveryLedger: what each site says it sent (its task results' SENT_COUNTS_META)
+    against what was received and what MLflow wrote or refused, per site, at the end;
   - mlflow_sink.MLflowSink: the run tree, models and stats file, written off FLARE's threads;
   - tracking_uri: URI checks and the start-of-job credential probe.
 """
 
+import json
 import os
 import threading
 import time
@@ -27,7 +30,8 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.widgets.intime_model_selector import IntimeModelSelector
 from nvflare.app_opt.tracking.mlflow.mlflow_receiver import MLflowReceiver
 
-from fl_lightning_mlflow.common.protocol import RECORDS_KWARG
+from fl_lightning_mlflow.common.protocol import DELIVERY_STATS_KEY, RECORDS_KWARG, SENT_COUNTS_META, STATS_FILE
+from fl_lightning_mlflow.server.delivery import DeliveryLedger
 from fl_lightning_mlflow.server.mlflow_sink import PARENT, MLflowSink, ModelLogger
 from fl_lightning_mlflow.server.records import RecordChecker
 from fl_lightning_mlflow.server.summary import FederationSummary
@@ -84,6 +88,7 @@ class FederatedMLflowTracker(MLflowReceiver):
         # Problems go to the log without firing FLARE log events from inside an event handler.
         self.records = RecordChecker(warn=self.logger.warning)
         self.summary = FederationSummary()
+        self.delivery = DeliveryLedger()
         self.sink: MLflowSink | None = None
         self.app_dir = None
         # Our own lifecycle (not the base class's private flags): events are tracked between a
@@ -107,7 +112,11 @@ class FederatedMLflowTracker(MLflowReceiver):
                 self.timings.update(max_event_seconds=elapsed, slowest_event=event_type)
 
     def _handle_fl_event(self, event_type: str, fl_ctx: FLContext):
-        if event_type == AppEventType.ROUND_STARTED:
+        if event_type == EventType.BEFORE_PROCESS_SUBMISSION:  # every task result, late ones too
+            counts = sent_counts_of(fl_ctx)
+            if counts:
+                self.delivery.report(*counts)
+        elif event_type == AppEventType.ROUND_STARTED:
             self.summary.num_rounds = fl_ctx.get_prop(AppConstants.NUM_ROUNDS, self.summary.num_rounds)
         elif event_type == AppEventType.BEFORE_CONTRIBUTION_ACCEPT:
             contribution = contribution_of(fl_ctx)
@@ -202,10 +211,45 @@ class FederatedMLflowTracker(MLflowReceiver):
         status, failure, site_status = self.summary.outcome(self.sink.sites)
         points, rows = self.summary.cross_site()
         self.sink.cross_site(points, rows, _now())
+        # Delivery on the parent run: no site data comes in any more, so once the queue has drained
+        # what MLflow wrote per site is final. One flush budget for this wait and finish's together.
+        deadline = time.monotonic() + self.final_flush_timeout
+        drained = self.sink.queue.drain(self.final_flush_timeout)
+        self.sink.metrics(PARENT, self.delivery.metrics(self._delivery_table()), _now(), step=0)
+        left = max(0.0, deadline - time.monotonic())
+        if drained:  # MLflow keeps up: the models and run ends still get a fair chance to be written
+            left = max(left, min(30.0, self.final_flush_timeout))
         models = (self.app_dir / "FL_global_model.pt", self.app_dir / "best_FL_global_model.pt", self.summary.best)
-        lost = self.sink.finish(status, failure, site_status, models, self.final_flush_timeout)
+        lost = self.sink.finish(status, failure, site_status, models, left)
         complete, message = self.sink.report(status, failure, lost, self.records, self.timings)
         (self.log_info if complete else self.log_error)(fl_ctx, message)
+        # The final account (after finish: what the last wait still wrote counts), beside the rest.
+        table = self._delivery_table()
+        self._add_to_stats(DELIVERY_STATS_KEY, table)
+        (self.log_info if self.delivery.complete(table) else self.log_warning)(fl_ctx, self.delivery.message(table))
+
+    def _delivery_table(self) -> dict:
+        queue = self.sink.queue
+        # A write queue without per-run counters leaves written unknown (None), not zero: no false alarm.
+        return self.delivery.table(
+            self.records.received,
+            getattr(queue, "written_by_run", None),
+            getattr(queue, "refused_by_run", {}),
+            self.records.rejected_items,
+        )
+
+    def _add_to_stats(self, key: str, value) -> None:
+        """Add one key to the stats file the sink's report has just written (replaced whole, so a
+        reader never sees half a file)."""
+        path = Path(self.sink.run_dir) / STATS_FILE
+        try:
+            stats = json.loads(path.read_text())
+            stats[key] = value
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(stats, indent=2))
+            tmp.replace(path)
+        except (OSError, ValueError) as e:
+            self.logger.warning(f"could not add {key!r} to {path}: {e}")
 
 
 def _now() -> int:
@@ -230,6 +274,20 @@ def contribution_of(fl_ctx: FLContext) -> tuple | None:
         dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND, 1.0),  # read as the model selector reads it
         fl_ctx.get_prop(AppConstants.CURRENT_ROUND),
     )
+
+
+def sent_counts_of(fl_ctx: FLContext) -> tuple | None:
+    """(site, its cumulative sent counts) from the task result being submitted, or None when the
+    result carries none (another executor, a failed task)."""
+    peer_ctx = fl_ctx.get_peer_context()
+    result = fl_ctx.get_prop(FLContextKey.TASK_RESULT)
+    if peer_ctx is None or not isinstance(result, Shareable):
+        return None
+    try:
+        counts = from_shareable(result).get_meta_prop(SENT_COUNTS_META)
+    except (ValueError, TypeError, KeyError):
+        return None
+    return (peer_ctx.get_identity_name(default="?"), counts) if isinstance(counts, dict) else None
 
 
 def cross_site_result_of(fl_ctx: FLContext) -> tuple | None:
