@@ -89,12 +89,27 @@ def test_cross_site_matrix_is_in_the_parent_run(finished_run):
 
 
 def test_nothing_lost_and_the_event_thread_never_waited(finished_run):
-    server, _ = finished_run
+    server, log = finished_run
     stats = json.loads((server / STATS_FILE).read_text())
     assert stats["lost"] == {} and stats["rejected"] == {}
     assert stats["max_event_seconds"] < 0.1
     received = sum(c.get("metric", 0) for c in stats["received"].values())
     assert received > 0
+    # Delivery, counted end to end: what each site's task results said it sent is what MLflow wrote.
+    delivery = stats["delivery"]
+    assert sorted(delivery) == ["site-1", "site-2"]
+    for site, row in delivery.items():
+        assert row["sent"] == row["written"] == row["received"] > 0 and row["lost"] == row["in_flight"] == 0, row
+        assert row["refused"] == row["rejected"] == 0, row
+        assert row["sent_by_kind"]["param"] > 0  # params are counted too, not only metric points
+        # the site's own END_RUN count of metric points agrees with what its last task result said
+        assert f"{site}: sent {row['sent_by_kind']['metric']} metric points" in log
+    line = "; ".join(f"{site} sent {row['sent']}, written {row['written']}" for site, row in delivery.items())
+    assert f"delivery: {line}" in log
+    _, (parent,), _ = tracked_runs(server)
+    for site, row in delivery.items():
+        for column in ("sent", "received", "written", "refused", "lost"):
+            assert parent.data.metrics[f"delivery/{site}/{column}"] == row[column], (site, column)
 
 
 def test_plain_pytorch_job_lands_in_the_same_run_tree(offline_data, tmp_path):
