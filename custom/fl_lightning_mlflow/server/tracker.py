@@ -214,8 +214,12 @@ class FederatedMLflowTracker(MLflowReceiver):
         # Delivery on the parent run: no site data comes in any more, so once the queue has drained
         # what MLflow wrote per site is final. One flush budget for this wait and finish's together.
         deadline = time.monotonic() + self.final_flush_timeout
-        drained = self.sink.queue.drain(self.final_flush_timeout)
-        self.sink.metrics(PARENT, self.delivery.metrics(self._delivery_table()), _now(), step=0)
+        try:
+            drained = self.sink.queue.drain(self.final_flush_timeout)
+            self.sink.metrics(PARENT, self.delivery.metrics(self._delivery_table()), _now(), step=0)
+        except Exception as e:  # noqa: BLE001 - the runs' ends and the stats file must still follow
+            drained = False
+            self.logger.warning(f"delivery: could not log the account on the parent run: {type(e).__name__}: {e}")
         left = max(0.0, deadline - time.monotonic())
         if drained:  # MLflow keeps up: the models and run ends still get a fair chance to be written
             left = max(left, min(30.0, self.final_flush_timeout))
@@ -224,7 +228,11 @@ class FederatedMLflowTracker(MLflowReceiver):
         complete, message = self.sink.report(status, failure, lost, self.records, self.timings)
         (self.log_info if complete else self.log_error)(fl_ctx, message)
         # The final account (after finish: what the last wait still wrote counts), beside the rest.
-        table = self._delivery_table()
+        try:
+            table = self._delivery_table()
+        except Exception as e:  # noqa: BLE001 - an account that cannot be made is said, not raised
+            self.log_warning(fl_ctx, f"delivery: no account: {type(e).__name__}: {e}")
+            return
         self._add_to_stats(DELIVERY_STATS_KEY, table)
         (self.log_info if self.delivery.complete(table) else self.log_warning)(fl_ctx, self.delivery.message(table))
 
