@@ -107,7 +107,7 @@ class ModelLogger:
                     tags = {"job_id": job_id, JOB_UID_TAG: job_uid, "model": name}
                     if best_info:
                         tags.update(round=str(best_info[0]), key_metric_value=str(best_info[1]))
-                    self.register(client, model_uri, tags)
+                    self.register(client, model_uri, parent_id, tags)
                 self.logged.add(name)
 
     @staticmethod
@@ -121,16 +121,23 @@ class ModelLogger:
         ready = [m for m in found if str(m.status) == "READY"]
         return f"models:/{ready[0].model_id}" if ready else None
 
-    def register(self, client, model_uri, tags):
+    def register(self, client, model_uri, run_id, tags):
         """One registered version per job: tags are set at registration (no window between
         registering and tagging), and a version carrying this job's tags is reused."""
-        import mlflow
+        from mlflow.exceptions import MlflowException
 
         name = self.registered_model_name
         query = f"name = {_quoted(name)} AND tags.{JOB_UID_TAG} = {_quoted(tags[JOB_UID_TAG])}"
         query += f" AND tags.model = {_quoted(tags['model'])}"
-        if not client.search_model_versions(query):
-            mlflow.register_model(model_uri, name, tags=tags)
+        if client.search_model_versions(query):
+            return
+        try:
+            client.create_registered_model(name)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/") else None
+        client.create_model_version(name, model_uri, run_id=run_id, tags=tags, model_id=model_id)
 
 
 class MLflowSink:

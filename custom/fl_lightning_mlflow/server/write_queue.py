@@ -155,6 +155,7 @@ class WriteQueue:
         self._abandon = False
         self._outcome: dict = {}  # position in the queue -> ("written" | "refused") for the current batch
         self._isolate_unknown = False
+        self._unknown_failures = 0  # consecutive unknown failures at the head (kept if the loop restarts)
         # queued/written/refused per kind, failures, retries, spilled, quarantined
         self.stats = collections.Counter()
         self.written_by_run = collections.Counter()  # run_key -> points written
@@ -412,7 +413,7 @@ class WriteQueue:
                     return
 
     def _run(self) -> None:
-        delay, unknown_failures = self.retry_initial, 0
+        delay = self.retry_initial
         while not self._abandon:
             batch = self._take()
             if batch is None:
@@ -420,6 +421,8 @@ class WriteQueue:
             if not batch:
                 continue
             error = None
+            # The last allowed attempt: an error nobody can classify is then isolated like a refusal.
+            self._isolate_unknown = self._unknown_failures >= self.unknown_error_attempts - 1
             try:
                 if self.client is None:
                     self.client = MlflowClient(self.tracking_uri)
@@ -428,19 +431,18 @@ class WriteQueue:
                 error = e
             finally:
                 self._isolate_unknown = False
+                if self._outcome:  # progress: the head moved on
+                    self._unknown_failures = 0
                 self._settle()  # what was written or refused before a failure is done with
             if error is None:
                 if delay != self.retry_initial:
                     self.log.info("MLflow writes succeed again")
                     self.last_error = None
-                delay, unknown_failures = self.retry_initial, 0
+                delay = self.retry_initial
                 continue
             self.stats["failures"] += 1
             if refusal(error) == "?":
-                unknown_failures += 1
-                self._isolate_unknown = unknown_failures >= self.unknown_error_attempts
-                if self._isolate_unknown:
-                    unknown_failures = 0
+                self._unknown_failures += 1
             if str(error) != str(self.last_error):
                 message = redact_uri(str(error))  # a URI's user:password@ stays out of logs
                 self.log.warning(f"MLflow write failed, will retry (items kept): {type(error).__name__}: {message}")
