@@ -208,9 +208,15 @@ class FederatedMLflowTracker(MLflowReceiver):
     def finalize(self, fl_ctx: FLContext):
         with self._lock:
             self.tracking = False
-        status, failure, site_status = self.summary.outcome(self.sink.sites)
-        points, rows = self.summary.cross_site()
-        self.sink.cross_site(points, rows, _now())
+        try:
+            status, failure, site_status = self.summary.outcome(self.sink.sites)
+        except Exception as e:  # noqa: BLE001 - the runs must still end, with a status that says it
+            status, failure, site_status = "FAILED", f"tracker could not sum up the job: {type(e).__name__}: {e}", {}
+        try:
+            points, rows = self.summary.cross_site()
+            self.sink.cross_site(points, rows, _now())
+        except Exception as e:  # noqa: BLE001 - the matrix is optional; the runs' ends and stats file are not
+            self.logger.warning(f"MLflow: no cross-site table: {type(e).__name__}: {e}")
         # Delivery on the parent run: no site data comes in any more, so once the queue has drained
         # what MLflow wrote per site is final. One flush budget for this wait and finish's together.
         deadline = time.monotonic() + self.final_flush_timeout
