@@ -115,9 +115,14 @@ class ModelLogger:
         """The model an earlier attempt logged on this run under this name, if it completed."""
         if exp_id is None:
             return None
-        found = client.search_logged_models(
-            experiment_ids=[exp_id], filter_string=f"source_run_id = {_quoted(run_id)} AND name = {_quoted(name)}"
-        )
+        try:
+            found = client.search_logged_models(
+                experiment_ids=[exp_id], filter_string=f"source_run_id = {_quoted(run_id)} AND name = {_quoted(name)}"
+            )
+        except Exception as e:
+            if refusal(e) is None:
+                raise  # network trouble: the whole action is retried
+            return None  # a store that cannot search this way: logging is still right on a first attempt
         ready = [m for m in found if str(m.status) == "READY"]
         return f"models:/{ready[0].model_id}" if ready else None
 
@@ -129,8 +134,13 @@ class ModelLogger:
         name = self.registered_model_name
         query = f"name = {_quoted(name)} AND tags.{JOB_UID_TAG} = {_quoted(tags[JOB_UID_TAG])}"
         query += f" AND tags.model = {_quoted(tags['model'])}"
-        if client.search_model_versions(query):
-            return
+        try:
+            if client.search_model_versions(query):
+                return
+        except Exception as e:
+            if refusal(e) is None:
+                raise  # network trouble: the whole action is retried
+            # A registry that cannot search by tags: registering is still right on a first attempt.
         try:
             client.create_registered_model(name)
         except MlflowException as e:
