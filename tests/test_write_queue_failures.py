@@ -8,8 +8,10 @@ import logging
 import socket
 import types
 
+import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
+from mlflow.tracking._tracking_service import utils as tracking_utils
 
 from fl_lightning_mlflow.common.protocol import STATS_FILE
 from fl_lightning_mlflow.server.mlflow_sink import JOB_UID_TAG, PARENT, MLflowSink, ModelLogger
@@ -235,16 +237,22 @@ def test_run_creation_is_idempotent_when_a_reply_is_lost_and_the_account_says_wh
     assert client.get_run(other.queue.run_ids[PARENT]).info.status == "FAILED"
 
 
-def test_a_model_version_is_registered_once_when_registration_is_retried(store, tmp_path):
+def test_a_model_version_is_registered_once_when_registration_is_retried(store, tmp_path, monkeypatch):
     uri, client, experiment = store
     run_id = client.create_run(experiment).info.run_id
     model = client.create_logged_model(experiment, name="best_global_model", source_run_id=run_id)
     logger = ModelLogger("fl_lightning_mlflow.common.network.CifarNet", "registered-once")
     tags = {"job_id": "simulate_job", JOB_UID_TAG: "uid-1", "model": "best_global_model", "round": "1"}
     uri_of = f"models:/{model.model_id}"
-    logger.register(client, uri_of, run_id, tags)
-    logger.register(client, uri_of, run_id, tags)  # retried after a lost reply: found, not registered again
-    logger.register(client, uri_of, run_id, {**tags, JOB_UID_TAG: "uid-2"})  # another job start
+    previous = tracking_utils._tracking_uri  # None unless a test set it: then back to the environment
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # restored after the test
+    mlflow.set_tracking_uri(uri)  # the registry resolves models:/ URIs with the global one; ModelLogger.log sets it
+    try:
+        logger.register(client, uri_of, run_id, tags)
+        logger.register(client, uri_of, run_id, tags)  # retried after a lost reply: found, not registered again
+        logger.register(client, uri_of, run_id, {**tags, JOB_UID_TAG: "uid-2"})  # another job start
+    finally:
+        mlflow.set_tracking_uri(previous)
     versions = client.search_model_versions("name='registered-once'")
     assert sorted(v.tags[JOB_UID_TAG] for v in versions) == ["uid-1", "uid-2"]
     assert all(v.tags["round"] == "1" and v.run_id == run_id for v in versions)
