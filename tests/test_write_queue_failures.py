@@ -14,7 +14,8 @@ from mlflow.tracking import MlflowClient
 from mlflow.tracking._tracking_service import utils as tracking_utils
 
 from fl_lightning_mlflow.common.protocol import STATS_FILE
-from fl_lightning_mlflow.server.mlflow_sink import JOB_UID_TAG, PARENT, MLflowSink, ModelLogger
+from fl_lightning_mlflow.server.mlflow_sink import PARENT, MLflowSink
+from fl_lightning_mlflow.server.model_logger import JOB_UID_TAG, ModelLogger
 from fl_lightning_mlflow.server.write_queue import WriteQueue
 
 

@@ -32,7 +32,8 @@ from nvflare.app_opt.tracking.mlflow.mlflow_receiver import MLflowReceiver
 
 from fl_lightning_mlflow.common.protocol import DELIVERY_STATS_KEY, RECORDS_KWARG, SENT_COUNTS_META, STATS_FILE
 from fl_lightning_mlflow.server.delivery import DeliveryLedger
-from fl_lightning_mlflow.server.mlflow_sink import PARENT, MLflowSink, ModelLogger
+from fl_lightning_mlflow.server.mlflow_sink import PARENT, MLflowSink
+from fl_lightning_mlflow.server.model_logger import ModelLogger
 from fl_lightning_mlflow.server.records import RecordChecker
 from fl_lightning_mlflow.server.summary import FederationSummary
 from fl_lightning_mlflow.server.tracking_uri import TrackingConfigError, check_server, check_tracking_uri, redact_uri

@@ -31,12 +31,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from fl_lightning_mlflow.common.protocol import MAX_METRICS_PER_BATCH, MAX_PARAMS_PER_BATCH, MAX_TAGS_PER_BATCH
+from fl_lightning_mlflow.server.spill_file import SpillFile
 from fl_lightning_mlflow.server.tracking_uri import redact_uri
-
-try:  # MLflow's HTTP client is requests; its errors are network trouble, worth retrying
-    from requests import RequestException
-except ImportError:  # pragma: no cover - requests ships with mlflow
-    RequestException = OSError
+from fl_lightning_mlflow.server.write_errors import Refused, RunNotReady, refusal
 
 SCAN = 20_000  # how far ahead one request gathers its run's items
 LIMITS = {"metric": MAX_METRICS_PER_BATCH, "param": MAX_PARAMS_PER_BATCH, "tag": MAX_TAGS_PER_BATCH}
@@ -45,69 +42,8 @@ LIMITS = {"metric": MAX_METRICS_PER_BATCH, "param": MAX_PARAMS_PER_BATCH, "tag":
 # ("tag", run_key, key, value), ("call", name, args): a named action run by the owner's handler
 # (create runs, log a model...), retried like the rest. Plain tuples so they spill as JSON.
 POINT_KINDS = ("metric", "param", "tag")
-ARITY = {"metric": 6, "param": 4, "tag": 4, "call": 3}
 
 DEAD_LETTER_FILE = "mlflow_dead_letter.jsonl"
-
-# MLflow error codes that mean "this request will never be accepted as it is". Everything else
-# MLflow raises (INTERNAL_ERROR - also what a failed connection becomes -, TEMPORARILY_UNAVAILABLE,
-# DEADLINE_EXCEEDED, REQUEST_LIMIT_EXCEEDED/RESOURCE_EXHAUSTED (429), ABORTED/RESOURCE_CONFLICT
-# (409), UNAUTHENTICATED/PERMISSION_DENIED (401/403: the start probe handles refused
-# credentials), ENDPOINT_NOT_FOUND (a proxy's 404, not about the item)...) is retried.
-REFUSED_CODES = frozenset(
-    {
-        "INVALID_PARAMETER_VALUE",  # changed param value, bad name/value, run not active (deleted)
-        "RESOURCE_DOES_NOT_EXIST",  # run or experiment missing
-        "RESOURCE_ALREADY_EXISTS",
-        "BAD_REQUEST",  # also what the SQL store makes of a database integrity error
-        "MALFORMED_REQUEST",
-        "INVALID_STATE_TRANSITION",
-        "RESOURCE_LIMIT_EXCEEDED",
-        "MAX_LIST_SIZE_EXCEEDED",
-        "MAX_BLOCK_SIZE_EXCEEDED",
-        "QUOTA_EXCEEDED",
-        "FEATURE_DISABLED",
-        "NOT_IMPLEMENTED",
-    }
-)
-
-
-class Refused(Exception):
-    """Raised where the write path itself knows a request can never succeed (e.g. its run is gone)."""
-
-
-class RunNotReady(RuntimeError):
-    """Points for a run whose creating action has not succeeded yet: always worth waiting for."""
-
-
-def refusal(error: BaseException) -> str | None:
-    """MLflow's reason when `error` refuses the request for good; None when it is worth retrying,
-    "?" when the type says nothing either way (retried a few times, then isolated)."""
-    if isinstance(error, Refused):
-        return str(error)
-    if isinstance(error, MlflowException):
-        code = getattr(error, "error_code", "")
-        if code in REFUSED_CODES:
-            return f"{code}: {getattr(error, 'message', error)}"
-        return None
-    if isinstance(error, (RunNotReady, OSError, RequestException)):  # OSError: connection, timeout, disk
-        return None
-    if isinstance(error, (ValueError, TypeError)):  # an item that cannot be made into a request
-        return f"{type(error).__name__}: {error}"
-    return "?"
-
-
-def parse_item(line: str) -> tuple | None:
-    """A spilled line back as a queue item, or None when it is torn or not an item."""
-    try:
-        item = json.loads(line)
-    except ValueError:
-        return None
-    if not isinstance(item, list) or not item or ARITY.get(item[0]) != len(item):
-        return None
-    if item[0] != "call" and not isinstance(item[1], str):
-        return None
-    return tuple(item)
 
 
 class WriteQueue:
@@ -138,18 +74,14 @@ class WriteQueue:
         self.actions = actions
         self.run_ids: dict = {}
         self.dead_runs: dict = {}  # run_key -> why MLflow will never take its items (deleted, not created)
-        self.spill_file = Path(spill_file)
-        self.quarantine_file = self.spill_file.with_name(self.spill_file.stem + "_quarantine.jsonl")
         self.dead_letter_file = (
-            Path(dead_letter_file) if dead_letter_file else self.spill_file.parent / DEAD_LETTER_FILE
+            Path(dead_letter_file) if dead_letter_file else Path(spill_file).parent / DEAD_LETTER_FILE
         )
         self.max_memory_items = max_memory_items
         self.retry_initial, self.retry_max, self.idle_flush = retry_initial, retry_max, idle_flush
         self.unknown_error_attempts = max(1, unknown_error_attempts)
         self.log = logger or logging.getLogger(__name__)
         self._memory = collections.deque()
-        self._spilled = 0  # items in the spill file not yet read back
-        self._spill_read_pos = 0
         self._cond = threading.Condition()
         self._closing = False
         self._abandon = False
@@ -159,6 +91,8 @@ class WriteQueue:
         # queued/written/refused per kind, failures, retries, spilled, quarantined
         self.stats = collections.Counter()
         self.written_by_run = collections.Counter()  # run_key -> points written
+        self.spill = SpillFile(spill_file, self.stats, self.log)
+        self.spill_file, self.quarantine_file = self.spill.path, self.spill.quarantine_path
         self.refused_by_run = collections.Counter()  # run_key -> points refused (in the dead letter)
         self.last_error = None
         self._thread = threading.Thread(target=self._main, name="mlflow-writer", daemon=True)
@@ -167,9 +101,9 @@ class WriteQueue:
     # ----- producer side: O(1), no I/O unless spilling -------------------------------------
     def put(self, item: tuple) -> None:
         with self._cond:
-            if self._spilled or len(self._memory) >= self.max_memory_items:
+            if self.spill.count or len(self._memory) >= self.max_memory_items:
                 try:
-                    self._spill(item)  # once spilling, keep order: everything newer goes to the file too
+                    self.spill.append(item)  # once spilling, keep order: everything newer goes to the file too
                 except (OSError, TypeError, ValueError) as e:
                     # Disk full or an unserializable item: keep it in memory rather than lose it
                     # (order against the spilled items is given up for this one item).
@@ -181,72 +115,13 @@ class WriteQueue:
             self.stats[f"queued_{item[0]}"] += 1
             self._cond.notify()
 
-    def _spill(self, item) -> None:
-        line = json.dumps(item) + "\n"  # before opening: an unserializable item leaves the file intact
-        self.spill_file.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.spill_file, "a") as f:
-            f.write(line)
-        self._spilled += 1
-        self.stats["spilled"] += 1
-
     def pending(self) -> collections.Counter:
         """Queued but not yet written nor refused, by kind (memory and spill file); spilled lines
         that cannot be read count as "unreadable"."""
         with self._cond:
-            counts = collections.Counter(item[0] for item in self._memory)
-            if self._spilled:
-                try:
-                    with open(self.spill_file) as f:
-                        f.seek(self._spill_read_pos)
-                        for line in f:
-                            item = parse_item(line)
-                            counts[item[0] if item else "unreadable"] += 1
-                except OSError:
-                    counts["unreadable"] += self._spilled
-            return counts
+            return collections.Counter(item[0] for item in self._memory) + self.spill.pending()
 
     # ----- writer thread: taking items ------------------------------------------------------------
-    def _refill_from_spill(self) -> None:
-        """Called with the lock held when memory is empty: read back the oldest spilled items.
-        A line that is not an item (torn by a crash or a full disk) goes to the quarantine file."""
-        try:
-            f = open(self.spill_file)
-        except FileNotFoundError:  # removed under us: nothing to read back; say how much went
-            self.stats["spill_missing"] += self._spilled
-            self.log.error(f"MLflow queue: spill file {self.spill_file} vanished with {self._spilled} items")
-            self._spilled, self._spill_read_pos = 0, 0
-            return
-        with f:
-            f.seek(self._spill_read_pos)
-            while len(self._memory) < self.max_memory_items // 2 or not self._memory:
-                line = f.readline()
-                if not line:
-                    # The count and the file disagree (a torn line swallowed the next one's newline):
-                    # the file is the truth.
-                    self._spilled = 0
-                    break
-                self._spilled -= 1
-                item = parse_item(line)
-                if item is None:
-                    self._quarantine(line)
-                else:
-                    self._memory.append(item)
-            self._spill_read_pos = f.tell()
-        if self._spilled <= 0:
-            self._spilled = 0
-            self.spill_file.unlink(missing_ok=True)
-            self._spill_read_pos = 0
-
-    def _quarantine(self, line: str) -> None:
-        self.stats["quarantined"] += 1
-        try:
-            with open(self.quarantine_file, "a") as q:
-                q.write(line if line.endswith("\n") else line + "\n")
-        except OSError as e:
-            self.log.error(f"MLflow queue: could not keep an unreadable spill line aside: {e}")
-        if self.stats["quarantined"] == 1:
-            self.log.error(f"MLflow queue: unreadable line(s) in {self.spill_file} moved to {self.quarantine_file}")
-
     def _take(self) -> list | None:
         """The next request's worth of items as [(position, item)]: one action, or points for one
         run within the limits; None when closing and empty.
@@ -257,12 +132,12 @@ class WriteQueue:
         refuses duplicate keys in one batch, and then refuses it alone, with its own reason.
         """
         with self._cond:
-            while not self._memory and not self._spilled:
+            while not self._memory and not self.spill.count:
                 if self._closing:
                     return None
                 self._cond.wait(self.idle_flush)
             if not self._memory:
-                self._refill_from_spill()
+                self.spill.read_into(self._memory, self.max_memory_items // 2)
                 if not self._memory:
                     return []
             first = self._memory[0]
@@ -466,15 +341,15 @@ class WriteQueue:
         except Exception as e:  # noqa: BLE001 - the caller must still write its account
             self.log.error(f"MLflow queue: close failed ({type(e).__name__}: {e}); counting what is in memory")
             counts = collections.Counter(item[0] for item in list(self._memory))
-            if self._spilled:
-                counts["unreadable"] += self._spilled
+            if self.spill.count:
+                counts["unreadable"] += self.spill.count
             return counts
 
     def drain(self, timeout: float) -> bool:
         """Wait until the queue is empty (True) or timeout passes (False); the writer keeps going."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self._memory or self._spilled:
+            while self._memory or self.spill.count:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
