@@ -31,8 +31,11 @@ command -v "$python" >/dev/null || die "$python not found; install Python 3.10+ 
 "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || die "Python 3.10+ needed, found $("$python" --version)"
 
 stamp="$VENV/.requirements-stamp"
-want="$(cat "$REPO_ROOT/requirements.txt" "$reqs" "$REPO_ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+digest() { cat "$REPO_ROOT/requirements.txt" "$1" "$REPO_ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1; }
+want="$(digest "$reqs")"
+have="$(cat "$stamp" 2>/dev/null || true)"
+# An environment set up with the dev requirements also holds the runtime ones.
+if [ -n "$have" ] && { [ "$have" = "$want" ] || [ "$have" = "$(digest "$REPO_ROOT/requirements-dev.txt")" ]; }; then
   echo "setup: $VENV is up to date"
   exit 0
 fi

@@ -206,16 +206,15 @@ def test_a_truncated_data_file(tmp_path, offline_data):
     assert all("unreadable data file" in p and str(batch) in p for p in problems)
 
 
-def test_the_command_line_prints_one_line_per_problem_and_fails(tmp_path, offline_data):
+def test_the_command_line_prints_one_line_per_problem_and_fails(tmp_path, offline_data, capsys):
+    # `flctl check` as the command line runs it (in this process; test_the_shipped_jobs_pass runs a fresh one).
+    from flctl.cli import main
+
     job = job_copy(tmp_path, offline_data, **{"client.lr": 0})
-    result = subprocess.run(
-        [shutil.which("python"), "-m", "flctl", "check", str(job), "--sites", "2"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 1 and result.stdout == ""
-    (line,) = result.stderr.splitlines()
+    assert main(["check", str(job), "--sites", "2"]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    (line,) = err.splitlines()
     where, spec = next(
         (w, c) for w, c in client_components(json.loads((job / CLIENT).read_text())) if "lr" in c["args"]
     )

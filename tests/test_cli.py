@@ -92,6 +92,7 @@ def server_processes(folder) -> dict:
     return {pid: argv for pid, argv in live_processes().items() if any(str(folder) in a for a in argv)}
 
 
+@pytest.mark.slow  # two real `mlflow server` starts with basic auth: about 25 s
 def test_mlflow_server_start_status_stop_with_auth_over_a_stale_pid_file(tmp_path):
     folder, port = tmp_path / "mlflow-server", free_port()
     folder.mkdir()
