@@ -221,9 +221,10 @@ class MLflowSink:
         )  # fmt: skip
 
     # ----- the account ---------------------------------------------------------------------------
-    def report(self, status, failure, lost, records, timings: dict) -> tuple:
-        """Write the stats file; returns (nothing lost nor refused, the one line to log). Never
-        raises: whatever part of the account cannot be made, the file is written."""
+    def report(self, status, failure, lost, records, timings: dict, extra: dict | None = None) -> tuple:
+        """Write the stats file, with extra's keys beside the sink's own; returns (nothing lost
+        nor refused, the one line to log). Never raises: whatever part of the account cannot be
+        made, the file is written."""
         queue, path = self.queue, self.run_dir / STATS_FILE
         refused = {key: n for key, n in queue.refused_by_run.items() if n}
         stats = {"status": status, "failure": failure, "lost": dict(lost)}
@@ -250,6 +251,7 @@ class MLflowSink:
         except Exception as e:  # noqa: BLE001 - a partial account is better than none
             stats["account_error"] = f"{type(e).__name__}: {e}"
             stats.setdefault("run_ids", dict(queue.run_ids))
+        stats.update(extra or {})
         try:
             path.write_text(json.dumps(stats, indent=2, default=str))
         except (OSError, TypeError, ValueError) as e:

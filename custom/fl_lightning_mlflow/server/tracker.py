@@ -13,7 +13,6 @@ turns FLARE events into calls of the rooms that do the work, none of which knows
   - tracking_uri: URI checks and the start-of-job credential probe.
 """
 
-import json
 import os
 import threading
 import time
@@ -30,7 +29,7 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.widgets.intime_model_selector import IntimeModelSelector
 from nvflare.app_opt.tracking.mlflow.mlflow_receiver import MLflowReceiver
 
-from fl_lightning_mlflow.common.protocol import DELIVERY_STATS_KEY, RECORDS_KWARG, SENT_COUNTS_META, STATS_FILE
+from fl_lightning_mlflow.common.protocol import DELIVERY_STATS_KEY, RECORDS_KWARG, SENT_COUNTS_META
 from fl_lightning_mlflow.server.delivery import DeliveryLedger
 from fl_lightning_mlflow.server.mlflow_sink import PARENT, MLflowSink
 from fl_lightning_mlflow.server.model_logger import ModelLogger
@@ -232,39 +231,24 @@ class FederatedMLflowTracker(MLflowReceiver):
             left = max(left, min(30.0, self.final_flush_timeout))
         models = (self.app_dir / "FL_global_model.pt", self.app_dir / "best_FL_global_model.pt", self.summary.best)
         lost = self.sink.finish(status, failure, site_status, models, left)
-        complete, message = self.sink.report(status, failure, lost, self.records, self.timings)
-        (self.log_info if complete else self.log_error)(fl_ctx, message)
-        # The final account (after finish: what the last wait still wrote counts), beside the rest.
+        # The final delivery account (after finish: what the last wait still wrote counts) goes
+        # into the stats file with the rest, in the one write.
         try:
             table = self._delivery_table()
         except Exception as e:  # noqa: BLE001 - an account that cannot be made is said, not raised
             self.log_warning(fl_ctx, f"delivery: no account: {type(e).__name__}: {e}")
-            return
-        self._add_to_stats(DELIVERY_STATS_KEY, table)
-        (self.log_info if self.delivery.complete(table) else self.log_warning)(fl_ctx, self.delivery.message(table))
+            table = None
+        extra = {DELIVERY_STATS_KEY: table} if table is not None else {}
+        complete, message = self.sink.report(status, failure, lost, self.records, self.timings, extra)
+        (self.log_info if complete else self.log_error)(fl_ctx, message)
+        if table is not None:
+            (self.log_info if self.delivery.complete(table) else self.log_warning)(fl_ctx, self.delivery.message(table))
 
     def _delivery_table(self) -> dict:
         queue = self.sink.queue
-        # A write queue without per-run counters leaves written unknown (None), not zero: no false alarm.
         return self.delivery.table(
-            self.records.received,
-            getattr(queue, "written_by_run", None),
-            getattr(queue, "refused_by_run", {}),
-            self.records.rejected_items,
+            self.records.received, queue.written_by_run, queue.refused_by_run, self.records.rejected_items
         )
-
-    def _add_to_stats(self, key: str, value) -> None:
-        """Add one key to the stats file the sink's report has just written (replaced whole, so a
-        reader never sees half a file)."""
-        path = Path(self.sink.run_dir) / STATS_FILE
-        try:
-            stats = json.loads(path.read_text())
-            stats[key] = value
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps(stats, indent=2))
-            tmp.replace(path)
-        except (OSError, ValueError) as e:
-            self.logger.warning(f"could not add {key!r} to {path}: {e}")
 
 
 def _now() -> int:
