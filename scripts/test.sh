@@ -29,7 +29,7 @@ activate_venv
 cd "$REPO_ROOT"
 echo "== ruff check"; ruff check . || die "ruff check failed"
 echo "== ruff format --check"; ruff format --check . || die "ruff format --check failed (run: ruff format .)"
-args=(-q)
+args=(-q --durations=15)
 [ "$fast" = 1 ] && args+=(-m "not slow")
 echo "== pytest ${args[*]} ${extra[*]:-}"
 set +e

@@ -11,10 +11,13 @@ to view it. Each run gets its own folder WORKSPACE/runs/<time>; WORKSPACE/latest
 """
 
 import os
+import queue
 import re
+import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -42,43 +45,94 @@ class Simulation:
     n_test: int | None = None
 
 
+LINGER = 5.0  # seconds to read what is left once the command itself has exited
+
+
+class SimulatorTimeout(RuntimeError):
+    """The simulator ran past its time limit (it was ended with everything it started)."""
+
+
 def nvflare_simulator(
     job, workspace, sites: int, threads=None, gpu=None, log_path=None, show=None, env=None, timeout=None
 ) -> subprocess.CompletedProcess:
-    """`nvflare simulator JOB -n SITES -t THREADS -w WORKSPACE`, in its own process group (ended
-    with everything it started on any way out); output to log_path and returned, lines matching
-    show echoed as they come."""
+    """`nvflare simulator JOB -n SITES -t THREADS -w WORKSPACE`, through run_logged."""
     cmd = [str(Path(sys.executable).parent / "nvflare"), "simulator", str(job), "-n", str(sites)]
     cmd += ["-t", str(threads or sites), "-w", str(workspace)] + (["-gpu", str(gpu)] if gpu is not None else [])
     env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}  # lines as they come, not at exit
+    return run_logged(cmd, env, log_path, show, timeout)
+
+
+def run_logged(cmd, env=None, log_path=None, show=None, timeout=None) -> subprocess.CompletedProcess:
+    """Run cmd in its own process group (ended with everything it started on any way out);
+    output to log_path and returned, lines matching show echoed as they come. Past timeout
+    seconds (also while it prints nothing), SimulatorTimeout with the last lines it printed."""
+    started = time.monotonic()
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
     )
-    deadline = time.monotonic() + timeout if timeout else None
-    lines = []
+    lines: queue.Queue = queue.Queue()
+    # A thread reads the output, so the time limit holds even while the simulator prints nothing.
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout] + [lines.put(None)], daemon=True)
+    reader.start()
+    out, exited_at = [], None
     log = open(log_path, "w") if log_path else None
     try:
-        for line in proc.stdout:
-            lines.append(line)
+        while True:
+            now = time.monotonic()
+            left = None if not timeout else timeout - (now - started)
+            if left is not None and left <= 0:
+                tail = "".join(out[-60:])
+                raise SimulatorTimeout(
+                    f"{shlex.join(map(str, cmd))} did not end within {timeout} s; its last lines:\n{tail}"
+                )
+            if exited_at is None and proc.poll() is not None:
+                exited_at = now
+            if exited_at is not None and now - exited_at > LINGER:
+                # The command is done, but something it started still holds its output open
+                # (a worker that did not exit): that must not keep us waiting; end_group ends it.
+                out.append(f"flctl: {cmd[0]} exited {proc.returncode}; ended what it left running\n")
+                if log:
+                    log.write(out[-1])
+                break
+            try:
+                line = lines.get(timeout=min(left or 1, 1))
+            except queue.Empty:
+                continue
+            if line is None:
+                break
+            out.append(line)
             if log:
                 log.write(line)
             if show and show.search(line):
                 print(line.rstrip()[:300], flush=True)
-            if deadline and time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(cmd, timeout)
         proc.wait()
     finally:
         if log:
             log.close()
-        if proc.poll() is None:
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                try:
-                    os.killpg(proc.pid, sig)
-                    proc.wait(10)
-                    break
-                except (ProcessLookupError, subprocess.TimeoutExpired):
-                    continue
-    return subprocess.CompletedProcess(cmd, proc.returncode, "".join(lines), "")
+        end_group(proc)
+    return subprocess.CompletedProcess(cmd, proc.returncode, "".join(out), "")
+
+
+def end_group(proc, grace: float = 10.0) -> None:
+    """End the simulator's process group (it and everything it started that is still there):
+    SIGTERM, then SIGKILL for what is left after grace seconds."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return  # nothing left
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        proc.poll()  # reap the leader, or the group never looks empty
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def ensure_data(data_root, sites, alpha=None, seed=0, offline=False, say=print) -> None:
