@@ -193,8 +193,7 @@ def write_path(uri, k_sites, points_per_site, artifact_dir=None):
     client = MlflowClient(uri)
     exp_name = f"write-path-{time.time_ns()}"
     exp = client.create_experiment(exp_name, artifact_location=artifact_dir)
-    spill = Path(tempfile.mkdtemp()) / "spill.jsonl"
-    queue = WriteQueue(uri, spill, actions={})
+    queue = WriteQueue(uri, Path(tempfile.mkdtemp()) / "journal", actions={})
     for k in range(k_sites):
         queue.run_ids[f"site-{k}"] = client.create_run(exp).info.run_id
     keys = ["train_loss", "train_acc", "val_loss", "val_acc"]

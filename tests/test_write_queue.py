@@ -1,5 +1,5 @@
 """WriteQueue against real MLflow stores: batching within MLflow's limits, retry after a failure,
-spill to file and read-back in order, and what is counted as lost when it closes."""
+the journal as overflow, read back in order, and what is counted as lost when it closes."""
 
 import logging
 import socket
@@ -29,7 +29,7 @@ def closed_port() -> int:
 
 def test_points_of_interleaved_runs_are_all_written_in_batches(store, tmp_path):
     uri, client, experiment = store
-    queue = WriteQueue(uri, tmp_path / "spill.jsonl", actions={})
+    queue = WriteQueue(uri, tmp_path / "journal", actions={})
     for site in ("site-1", "site-2"):
         queue.run_ids[site] = client.create_run(experiment).info.run_id
     for step in range(1500):  # more than one log_batch (1000 metrics) per run
@@ -57,7 +57,7 @@ def test_a_failed_write_is_kept_and_retried_until_it_succeeds(store, tmp_path, c
         queue.run_ids[name] = client.create_run(experiment).info.run_id
 
     queue = WriteQueue(
-        uri, tmp_path / "spill.jsonl", {"create": create_run}, retry_initial=0.01, logger=logging.getLogger("wq")
+        uri, tmp_path / "journal", {"create": create_run}, retry_initial=0.01, logger=logging.getLogger("wq")
     )
     with caplog.at_level(logging.INFO, logger="wq"):
         queue.put(("call", "create", ["site-1"]))
@@ -70,33 +70,35 @@ def test_a_failed_write_is_kept_and_retried_until_it_succeeds(store, tmp_path, c
     assert queue.close(5) == {}
 
 
-def test_past_max_memory_items_new_items_spill_to_file_and_come_back_in_order(store, tmp_path):
+def test_past_max_memory_items_new_items_live_in_the_journal_and_come_back_in_order(store, tmp_path):
     uri, client, experiment = store
     release, seen = threading.Event(), []
     actions = {"hold": lambda client: release.wait(10), "note": lambda client, i: seen.append(i)}
-    spill = tmp_path / "spill.jsonl"
+    spill = tmp_path / "journal"
     queue = WriteQueue(uri, spill, actions, max_memory_items=10)
     queue.run_ids["site-1"] = client.create_run(experiment).info.run_id
     queue.put(("call", "hold", []))  # the writer waits here while the queue fills
     for i in range(40):
         queue.put(("call", "note", [i]))
         queue.put(("metric", "site-1", "x", float(i), 0, i))
-    assert queue.stats["spilled"] == 81 - 10 and spill.is_file()
+    assert queue.stats["spilled"] == 81 - 10
+    assert len(queue.journal_file.read_text().splitlines()) == 81  # every item is journaled, in memory or not
     assert queue.pending() == {"call": 41, "metric": 40}
     release.set()
     assert queue.drain(30)
     assert seen == list(range(40))  # read back in the order they were put
     history = sorted(client.get_metric_history(queue.run_ids["site-1"], "x"), key=lambda m: m.step)
     assert [m.value for m in history] == [float(i) for i in range(40)]
-    assert not spill.exists()  # emptied spill files are removed
+    assert queue.cursor() == 81  # all settled
     assert queue.close(5) == {}
+    assert (tmp_path / "journal" / "cursor").read_text() == "81\n"  # recorded on close
 
 
 def test_what_cannot_be_written_by_close_is_counted_as_lost(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")
     uri = f"http://admin:s3cret-pw@127.0.0.1:{closed_port()}"
-    queue = WriteQueue(uri, tmp_path / "spill.jsonl", {}, retry_initial=0.05, logger=logging.getLogger("wq-lost"))
+    queue = WriteQueue(uri, tmp_path / "journal", {}, retry_initial=0.05, logger=logging.getLogger("wq-lost"))
     queue.run_ids["site-1"] = "0" * 32
     with caplog.at_level(logging.WARNING, logger="wq-lost"):
         for step in range(3):
@@ -111,7 +113,7 @@ def test_what_cannot_be_written_by_close_is_counted_as_lost(tmp_path, monkeypatc
 
 def test_points_for_a_run_not_created_yet_wait_for_it(store, tmp_path):
     uri, client, experiment = store
-    queue = WriteQueue(uri, tmp_path / "spill.jsonl", {}, retry_initial=0.01)
+    queue = WriteQueue(uri, tmp_path / "journal", {}, retry_initial=0.01)
     queue.put(("metric", "late-site", "acc", 0.25, 0, 3))
     assert not queue.drain(0.3) and "no MLflow run for 'late-site' yet" in str(queue.last_error)
     queue.run_ids["late-site"] = client.create_run(experiment).info.run_id

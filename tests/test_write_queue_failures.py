@@ -38,7 +38,7 @@ def dead_letter(queue) -> list:
 def new_queue(uri, tmp_path, actions=None, **kwargs):
     kwargs.setdefault("retry_initial", 0.01)
     kwargs.setdefault("retry_max", 0.2)
-    return WriteQueue(uri, tmp_path / "spill.jsonl", actions or {}, logger=logging.getLogger("wq-failures"), **kwargs)
+    return WriteQueue(uri, tmp_path / "journal", actions or {}, logger=logging.getLogger("wq-failures"), **kwargs)
 
 
 def test_a_refused_param_is_dead_lettered_and_every_other_item_of_every_run_is_written(store, tmp_path):
@@ -102,7 +102,7 @@ def test_items_of_a_deleted_run_are_dead_lettered_and_other_runs_keep_flowing(st
     assert queue.close(5) == {}
 
 
-def test_a_torn_spill_line_is_quarantined_and_the_rest_is_read_back(store, tmp_path):
+def test_a_torn_journal_line_is_quarantined_and_the_rest_is_read_back(store, tmp_path):
     uri, client, experiment = store
     hold = []
 
@@ -116,15 +116,17 @@ def test_a_torn_spill_line_is_quarantined_and_the_rest_is_read_back(store, tmp_p
     queue.put(("call", "hold", []))  # the writer retries this while the queue spills
     for i in range(20):
         queue.put(("metric", "site-1", "x", float(i), 0, i))
-    lines = queue.spill_file.read_text().splitlines(keepends=True)
-    assert len(lines) == 17
-    lines[5] = lines[5][:12] + "\n"  # torn by a crash or a full disk
-    lines[9] = "{not an item}\n"
-    queue.spill_file.write_text("".join(lines))
+    lines = queue.journal_file.read_text().splitlines(keepends=True)
+    assert len(lines) == 21 and queue.stats["spilled"] == 17  # all journaled; 4 also in memory
+    lines[4 + 5] = lines[4 + 5][:12] + "\n"  # torn by a crash or a full disk
+    lines[4 + 9] = "{not an item}\n"
+    with open(queue.journal_file, "r+") as f:  # in place, as a crash would leave it
+        f.write("".join(lines))
+        f.truncate()
     hold.append(True)
     assert queue.drain(20)
     assert queue.stats["quarantined"] == 2
-    assert queue.quarantine_file.read_text().splitlines() == [lines[5].strip(), "{not an item}"]
+    assert queue.quarantine_file.read_text().splitlines() == [lines[9].strip(), "{not an item}"]
     steps = sorted(m.step for m in client.get_metric_history(queue.run_ids["site-1"], "x"))
     assert steps == [i for i in range(20) if i not in (3 + 5, 3 + 9)]  # 3 items stayed in memory
     queue.put(("metric", "site-1", "after", 1.0, 0, 0))  # the writer is alive and well
@@ -186,8 +188,8 @@ def test_close_on_a_broken_queue_counts_what_is_left_and_never_raises(tmp_path, 
     queue.run_ids["site-1"] = "0" * 32
     for step in range(5):
         queue.put(("metric", "site-1", "loss", 0.1, 0, step))
-    queue.spill_file.unlink()
-    queue.spill_file.mkdir()  # the spill file cannot be read any more
+    queue.journal_file.unlink()
+    queue.journal_file.mkdir()  # the journal cannot be read any more
     lost = queue.close(timeout=0.5)
     assert lost == {"metric": 2, "unreadable": 3}  # the 3 spilled ones cannot be read back
     assert queue.close(timeout=0.1) == lost  # again: still no exception

@@ -15,10 +15,12 @@ looked up by its tags before one is registered (tags given at registration, not 
 import collections
 import json
 import logging
+import os
 import uuid
 from pathlib import Path
 
 from fl_lightning_mlflow.common.protocol import MAX_PARAM_VALUE_LENGTH, MAX_TAG_VALUE_LENGTH, PARENT_RUN_KEY, STATS_FILE
+from fl_lightning_mlflow.server.journal import JOURNAL_DIR, save_state
 from fl_lightning_mlflow.server.model_logger import JOB_UID_TAG, ModelLogger, quoted, versions
 from fl_lightning_mlflow.server.tracking_uri import redact_uri
 from fl_lightning_mlflow.server.write_errors import Refused, RunNotReady, refusal
@@ -26,7 +28,6 @@ from fl_lightning_mlflow.server.write_queue import DEAD_LETTER_FILE, WriteQueue
 
 PARENT = PARENT_RUN_KEY  # the run key of the job's parent run; sites' run keys are their names
 
-SPILL_FILE = "mlflow_spill.jsonl"
 CROSS_SITE_TABLE = "cross_site_validation.json"
 
 
@@ -42,9 +43,12 @@ class MLflowSink:
         description="",
         promote_params=(),
         logger=None,
+        resume: dict | None = None,
         **queue_args,
     ):
-        """queue_args: WriteQueue's max_memory_items, retry_initial, retry_max."""
+        """queue_args: WriteQueue's max_memory_items, retry_initial, retry_max, sync_seconds.
+        resume: recovery: the state.json of a journal in run_dir whose job is gone; the sink
+        writes into that job's runs what its journal holds beyond the cursor."""
         self.experiment_name, self.models = experiment_name, models
         self.experiment_tags = {str(k): str(v) for k, v in (experiment_tags or {}).items()}
         self.run_tags, self.description = dict(run_tags or {}), description
@@ -52,6 +56,10 @@ class MLflowSink:
         self.run_dir, self.sites, self.job_id = Path(run_dir), [], ""
         self.job_uid = uuid.uuid4().hex  # this job start's runs, whatever the job id (simulator: always the same)
         self.log = logger or logging.getLogger(__name__)
+        self.journal_dir, self.last_round, self.ended = self.run_dir / JOURNAL_DIR, None, False
+        if resume:
+            self.job_uid, self.job_id = resume["job_uid"], resume.get("job_id", "")
+            self.sites, self.last_round = list(resume.get("sites") or []), resume.get("last_round")
         actions = {
             "setup": self._setup_runs,
             "child": self._create_child,
@@ -62,16 +70,46 @@ class MLflowSink:
         }
         self.queue = WriteQueue(
             tracking_uri,
-            self.run_dir / SPILL_FILE,
+            self.journal_dir,
             actions,
             logger=logger,
             dead_letter_file=self.run_dir / DEAD_LETTER_FILE,
+            resume=bool(resume),
             **queue_args,
         )
+        if resume:
+            self.queue.run_ids.update(resume.get("run_ids") or {})
+            self.queue.experiment_id = resume.get("experiment_id")
+        self.save_state()
+
+    def save_state(self) -> None:
+        """What recovery needs, beside the journal (atomically replaced). Never raises."""
+        state = {
+            "job_id": self.job_id,
+            "job_uid": self.job_uid,
+            "job_name": getattr(self, "job_name", ""),
+            "experiment_name": self.experiment_name,
+            "experiment_id": getattr(self.queue, "experiment_id", None),
+            "tracking_uri": redact_uri(self.queue.tracking_uri),
+            "sites": self.sites,
+            "run_ids": dict(self.queue.run_ids),
+            "last_round": self.last_round,
+            "ended": self.ended,
+            "pid": os.getpid(),
+        }
+        try:
+            save_state(self.journal_dir, state)
+        except (OSError, TypeError, ValueError) as e:
+            self.log.error(f"MLflow journal: could not save {self.journal_dir}/state.json: {e}")
+
+    def round_done(self, fl_round) -> None:
+        self.last_round = fl_round
+        self.save_state()
 
     # ----- what the tracker queues (FLARE's threads: never waits on MLflow) --------------------
     def start(self, job_name, job_id, sites, tags, fl_params, artifacts=None):
-        self.job_id, self.sites = job_id, list(sites)
+        self.job_id, self.sites, self.job_name = job_id, list(sites), job_name
+        self.save_state()
         tags = {**self.run_tags, "job_id": job_id, "sites": ",".join(self.sites), **versions(), **tags}
         tags[JOB_UID_TAG] = self.job_uid
         self.queue.put(("call", "setup", [job_name, artifacts, tags]))
@@ -82,6 +120,7 @@ class MLflowSink:
         if site not in self.sites:  # a site that joined after the start gets its run now
             self.sites.append(site)
             self.queue.put(("call", "child", [site]))
+            self.save_state()
 
     def metrics(self, run_key, points, now, step=None):
         """points: [(name, value, step)], or [(name, value)] all at `step`."""
@@ -131,7 +170,12 @@ class MLflowSink:
             flushed = self.queue.drain(flush_timeout)
         except Exception:  # noqa: BLE001 - close() counts what is left
             flushed = False
-        return self.queue.close(timeout=5 if flushed else 1)
+        lost = self.queue.close(timeout=5 if flushed else 1)
+        # The job ended here: recovery leaves this journal alone (what was not written is counted
+        # lost in the stats file, and stays in the journal beyond the cursor for the record).
+        self.ended = True
+        self.save_state()
+        return lost
 
     # ----- writer thread actions (idempotent: a failed attempt is retried whole) -----------------
     def _run_id(self, run_key) -> str:
@@ -179,6 +223,7 @@ class MLflowSink:
                 if parent_id is None:
                     parent_id = client.create_run(exp_id, run_name=job_name, tags=tags).info.run_id
                 self.queue.run_ids[PARENT] = parent_id
+                self.save_state()
         except Exception as e:
             self._refused_runs(e, [PARENT, *self.sites])
             raise
@@ -196,6 +241,7 @@ class MLflowSink:
                 tags = {**self.run_tags, "mlflow.parentRunId": parent_id, JOB_UID_TAG: self.job_uid, **tags}
                 run_id = client.create_run(self.queue.experiment_id, run_name=site, tags=tags).info.run_id
             self.queue.run_ids[site] = run_id
+            self.save_state()
         except Exception as e:
             self._refused_runs(e, [site])
             raise
@@ -237,11 +283,13 @@ class MLflowSink:
                     "refused": refused,  # run key -> points MLflow refused for good (in the dead letter)
                     "refused_actions": queue.stats["refused_call"],
                     "dead_letter": str(queue.dead_letter_file) if queue.dead_letter_file.exists() else None,
-                    "quarantined": queue.stats["quarantined"],  # unreadable spill-file lines, kept aside
+                    "quarantined": queue.stats["quarantined"],  # unreadable journal lines, kept aside
                     "rejected": dict(records.rejected),
                     "truncated": dict(records.truncated),
                     "write_failures": queue.stats["failures"],
                     "spilled": queue.stats["spilled"],
+                    "journal": str(queue.journal.folder),
+                    "journal_failures": queue.stats["journal_failures"],
                     "max_event_seconds": round(timings["max_event_seconds"], 6),
                     "probe_seconds": round(timings["probe_seconds"], 6),
                     "slowest_event": timings["slowest_event"],

@@ -12,10 +12,12 @@ Every failure is classified:
     until the refused item(s) are isolated, everything else is written, and each refused item
     goes to a dead-letter file (JSON lines, with MLflow's reason), so later items and other
     runs keep flowing.
-Past `max_memory_items` queued items, new items spill to a JSON-lines file and come back in
-order; a line that cannot be read back is moved to a quarantine file and counted. No
-exception ends the writer thread, and `close()` never raises. Nothing here knows about FLARE,
-so the write path can be tested and benchmarked on its own.
+Every item accepted is first appended to the journal (journal.py: durable within
+`sync_seconds`, with a cursor of what is settled), which is also the overflow: past
+`max_memory_items` queued items, new items live only in the journal and are read back in
+order; a line that cannot be read back is quarantined and counted. No exception ends the
+writer thread, and `close()` never raises. Nothing here knows about FLARE, so the write path
+can be tested and benchmarked on its own.
 """
 
 import collections
@@ -31,7 +33,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from fl_lightning_mlflow.common.protocol import MAX_METRICS_PER_BATCH, MAX_PARAMS_PER_BATCH, MAX_TAGS_PER_BATCH
-from fl_lightning_mlflow.server.spill_file import SpillFile
+from fl_lightning_mlflow.server.journal import Journal, JournalWriteError, read_cursor
 from fl_lightning_mlflow.server.tracking_uri import redact_uri
 from fl_lightning_mlflow.server.write_errors import Refused, RunNotReady, refusal
 
@@ -40,7 +42,8 @@ LIMITS = {"metric": MAX_METRICS_PER_BATCH, "param": MAX_PARAMS_PER_BATCH, "tag":
 
 # Queue items: ("metric", run_key, key, value, timestamp_ms, step), ("param", run_key, key, value),
 # ("tag", run_key, key, value), ("call", name, args): a named action run by the owner's handler
-# (create runs, log a model...), retried like the rest. Plain tuples so they spill as JSON.
+# (create runs, log a model...), retried like the rest. Plain tuples so they journal as JSON.
+# In memory each is kept as (seq, item), seq being its number in the journal.
 POINT_KINDS = ("metric", "param", "tag")
 
 DEAD_LETTER_FILE = "mlflow_dead_letter.jsonl"
@@ -50,7 +53,7 @@ class WriteQueue:
     def __init__(
         self,
         tracking_uri: str,
-        spill_file,
+        journal_dir,
         actions: dict,
         max_memory_items: int = 200_000,
         retry_initial: float = 0.5,
@@ -59,15 +62,20 @@ class WriteQueue:
         logger: logging.Logger | None = None,
         dead_letter_file=None,
         unknown_error_attempts: int = 5,
+        sync_seconds: float = 1.0,
+        resume: bool = False,
     ):
         """actions: name -> callable(client, *args) for "call" items; may raise to be retried.
 
         run_ids: run_key -> MLflow run id, filled in by the actions that create runs.
+        journal_dir: the journal's folder (see journal.py).
         dead_letter_file: where refused items go (default: mlflow_dead_letter.jsonl beside the
-            spill file).
+            journal folder).
         unknown_error_attempts: how often a request failing with an exception that is neither
             network trouble nor an MLflow error (e.g. a bug in an action) is tried before it is
             isolated like a refused one, so it cannot hold every later item until job end.
+        sync_seconds: how often the journal is fsynced and its cursor recorded.
+        resume: recovery: the journal exists; what lies beyond its cursor is queued again.
         """
         self.client = None  # made in the writer thread: opening a database store does I/O
         self.tracking_uri = tracking_uri
@@ -75,7 +83,7 @@ class WriteQueue:
         self.run_ids: dict = {}
         self.dead_runs: dict = {}  # run_key -> why MLflow will never take its items (deleted, not created)
         self.dead_letter_file = (
-            Path(dead_letter_file) if dead_letter_file else Path(spill_file).parent / DEAD_LETTER_FILE
+            Path(dead_letter_file) if dead_letter_file else Path(journal_dir).parent / DEAD_LETTER_FILE
         )
         self.max_memory_items = max_memory_items
         self.retry_initial, self.retry_max, self.idle_flush = retry_initial, retry_max, idle_flush
@@ -91,35 +99,49 @@ class WriteQueue:
         # queued/written/refused per kind, failures, retries, spilled, quarantined
         self.stats = collections.Counter()
         self.written_by_run = collections.Counter()  # run_key -> points written
-        self.spill = SpillFile(spill_file, self.stats, self.log)
-        self.spill_file, self.quarantine_file = self.spill.path, self.spill.quarantine_path
+        self._unordered = False  # an item kept in memory out of seq order (the journal failed while spilling)
+        self.journal = Journal(journal_dir, self.stats, self.log, sync_seconds)
+        self.journal_file, self.quarantine_file = self.journal.path, self.journal.quarantine_path
+        self.resumed = self.journal.resume_after(read_cursor(journal_dir)) if resume else 0
+        self.journal.cursor_fn = self.cursor
         self.refused_by_run = collections.Counter()  # run_key -> points refused (in the dead letter)
         self.last_error = None
         self._thread = threading.Thread(target=self._main, name="mlflow-writer", daemon=True)
         self._thread.start()
 
-    # ----- producer side: O(1), no I/O unless spilling -------------------------------------
+    # ----- producer side: O(1), one append to the journal -----------------------------------
     def put(self, item: tuple) -> None:
         with self._cond:
-            if self.spill.count or len(self._memory) >= self.max_memory_items:
-                try:
-                    self.spill.append(item)  # once spilling, keep order: everything newer goes to the file too
-                except (OSError, TypeError, ValueError) as e:
-                    # Disk full or an unserializable item: keep it in memory rather than lose it
-                    # (order against the spilled items is given up for this one item).
-                    self.stats["spill_failures"] += 1
-                    self.log.warning(f"MLflow queue: could not spill an item ({type(e).__name__}: {e}); kept in memory")
-                    self._memory.append(item)
-            else:
-                self._memory.append(item)
+            # Once spilling, keep order: everything newer lives in the journal only, too.
+            spill = bool(self.journal.count) or len(self._memory) >= self.max_memory_items
+            try:
+                seq = self.journal.append(item, spill)
+            except JournalWriteError as e:
+                # Disk full or an unserializable item: keep it in memory rather than lose it (it
+                # is not crash-proof, and its order against spilled items is given up).
+                seq, spill = e.seq, False
+                self.stats["journal_failures"] += 1
+                if self.stats["journal_failures"] == 1:
+                    self.log.error(f"MLflow queue: could not journal an item ({e}); kept in memory")
+                self._unordered = self._unordered or bool(self.journal.count)
+            if not spill:
+                self._memory.append((seq, item))
             self.stats[f"queued_{item[0]}"] += 1
             self._cond.notify()
 
     def pending(self) -> collections.Counter:
-        """Queued but not yet written nor refused, by kind (memory and spill file); spilled lines
+        """Queued but not yet written nor refused, by kind (memory and journal); journal lines
         that cannot be read count as "unreadable"."""
         with self._cond:
-            return collections.Counter(item[0] for item in self._memory) + self.spill.pending()
+            return collections.Counter(item[0] for _, item in self._memory) + self.journal.pending()
+
+    def cursor(self) -> int:
+        """The highest seq up to which every item is settled (written or refused)."""
+        with self._cond:
+            lowest = [self.journal.first_pending_seq] if self.journal.count else [self.journal.next_seq]
+            if self._memory:
+                lowest.append(min(s for s, _ in self._memory) if self._unordered else self._memory[0][0])
+            return min(lowest) - 1
 
     # ----- writer thread: taking items ------------------------------------------------------------
     def _take(self) -> list | None:
@@ -132,20 +154,20 @@ class WriteQueue:
         refuses duplicate keys in one batch, and then refuses it alone, with its own reason.
         """
         with self._cond:
-            while not self._memory and not self.spill.count:
+            while not self._memory and not self.journal.count:
                 if self._closing:
                     return None
                 self._cond.wait(self.idle_flush)
             if not self._memory:
-                self.spill.read_into(self._memory, self.max_memory_items // 2)
+                self.journal.read_into(self._memory, max(1, self.max_memory_items // 2))
                 if not self._memory:
                     return []
-            first = self._memory[0]
+            first = self._memory[0][1]
             if first[0] == "call":
                 return [(0, first)]
             run_key, counts, params = first[1], collections.Counter(), {}
             taken = []
-            for i, item in enumerate(itertools.islice(self._memory, SCAN)):
+            for i, (_, item) in enumerate(itertools.islice(self._memory, SCAN)):
                 if item[0] == "call":
                     break
                 if item[1] != run_key or counts[item[0]] >= LIMITS[item[0]]:
@@ -168,7 +190,7 @@ class WriteQueue:
             for i, result in outcome.items():
                 if i >= len(head):
                     continue
-                item = head[i]
+                item = head[i][1]
                 self.stats[f"{result}_{item[0]}"] += 1
                 if item[0] in POINT_KINDS:
                     (self.written_by_run if result == "written" else self.refused_by_run)[item[1]] += 1
@@ -340,16 +362,18 @@ class WriteQueue:
             return self.pending()
         except Exception as e:  # noqa: BLE001 - the caller must still write its account
             self.log.error(f"MLflow queue: close failed ({type(e).__name__}: {e}); counting what is in memory")
-            counts = collections.Counter(item[0] for item in list(self._memory))
-            if self.spill.count:
-                counts["unreadable"] += self.spill.count
+            counts = collections.Counter(item[0] for _, item in list(self._memory))
+            if self.journal.count:
+                counts["unreadable"] += self.journal.count
             return counts
+        finally:
+            self.journal.close()  # the cursor as it stands: what is left is replayed by recovery
 
     def drain(self, timeout: float) -> bool:
         """Wait until the queue is empty (True) or timeout passes (False); the writer keeps going."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self._memory or self.spill.count:
+            while self._memory or self.journal.count:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False

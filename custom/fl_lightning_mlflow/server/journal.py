@@ -1,0 +1,288 @@
+"""The write queue's journal: every item the FL server accepts, in order, on disk, with a cursor.
+
+Files in the job's journal folder (JOURNAL_DIR in the server's job workspace):
+  items.jsonl   one JSON line [seq, kind, ...] per accepted item, appended as it is accepted
+                (one write(2) each: a killed FL server process loses none of them) and fsynced
+                every `sync_seconds` by a thread of its own (a crash of the machine loses at
+                most that window);
+  cursor        the highest seq up to which every item is settled: written to MLflow, or
+                refused for good and dead-lettered. Recovery replays only what lies beyond it;
+                items beyond it that were settled anyway are written again harmlessly (MLflow
+                keeps one row per identical metric point; params and tags are the same values);
+  state.json    what recovery needs to write into the same runs: tracking URI, experiment,
+                run ids, the job's uid, the last completed round, and whether the job ended;
+  lock          held (flock) by the live process: a journal whose lock is free belongs to a
+                process that is gone.
+
+The journal is also the queue's overflow: past the queue's memory bound, items live only here
+and are read back in order, so memory stays bounded. A line that cannot be read back (torn by a
+crash or a full disk) is moved to quarantine.jsonl and counted, never fatal.
+Thread-safety: append/read_into/pending take the journal's own lock; the sync thread asks the
+queue for the cursor before taking it (the queue calls in with its lock held: one lock order).
+"""
+
+import collections
+import fcntl
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+
+JOURNAL_DIR = "mlflow_journal"
+ITEMS, CURSOR, STATE, LOCK, QUARANTINE = "items.jsonl", "cursor", "state.json", "lock", "quarantine.jsonl"
+
+# Queue items, as WriteQueue makes them: ("metric", run_key, key, value, timestamp_ms, step),
+# ("param"|"tag", run_key, key, value), ("call", name, args).
+ARITY = {"metric": 6, "param": 4, "tag": 4, "call": 3}
+
+
+def parse_line(line: bytes) -> tuple | None:
+    """A journal line back as (seq, item), or None when it is torn or not an item."""
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(entry, list) or len(entry) < 2 or not isinstance(entry[0], int):
+        return None
+    seq, item = entry[0], entry[1:]
+    if ARITY.get(item[0]) != len(item) or (item[0] != "call" and not isinstance(item[1], str)):
+        return None
+    return seq, tuple(item)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace path with text: a crash leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_cursor(folder) -> int:
+    try:
+        return int((Path(folder) / CURSOR).read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def load_state(folder) -> dict:
+    """The journal's state.json ({} when missing or unreadable)."""
+    try:
+        state = json.loads((Path(folder) / STATE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def save_state(folder, state: dict) -> None:
+    write_atomic(Path(folder) / STATE, json.dumps(state, indent=1, default=str))
+
+
+def try_lock(folder):
+    """The journal's lock as an open file if nobody holds it (the caller keeps it to keep the
+    lock; closing it releases), else None."""
+    f = open(Path(folder) / LOCK, "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        return None
+    return f
+
+
+class JournalWriteError(Exception):
+    def __init__(self, seq: int, error: Exception):
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.seq, self.error = seq, error
+
+
+class Journal:
+    def __init__(self, folder, stats: collections.Counter, log: logging.Logger, sync_seconds: float = 1.0):
+        """stats: the queue's counters (spilled, quarantined, journal_* are added here). An
+        existing journal (recovery) is appended to, its seqs continued."""
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.path, self.quarantine_path = self.folder / ITEMS, self.folder / QUARANTINE
+        self.stats, self.log = stats, log
+        self.sync_seconds = max(0.05, float(sync_seconds))
+        self.cursor_fn = None  # set by the queue: the highest seq settled so far
+        self._lock = threading.Lock()
+        self.next_seq, self._size, self._torn = self._scan_end()
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._dirty = False
+        self.count = 0  # items that live only here (spilled or replayed), not yet read back
+        self._read_pos = 0  # byte offset of the oldest of them
+        self.first_pending_seq = None  # a lower bound of their seqs (for the cursor)
+        self._cursor_written = read_cursor(self.folder)
+        self._errors = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sync_loop, name="mlflow-journal-sync", daemon=True)
+        self._thread.start()
+
+    def _scan_end(self) -> tuple:
+        """(next seq, file size, whether the last line is unterminated) of an existing journal."""
+        last, size, torn = 0, 0, False
+        try:
+            with open(self.path, "rb") as f:
+                for line in f:
+                    size += len(line)
+                    torn = not line.endswith(b"\n")
+                    entry = parse_line(line)
+                    if entry:
+                        last = max(last, entry[0])
+        except FileNotFoundError:
+            pass
+        return last + 1, size, torn
+
+    # ----- accepting -------------------------------------------------------------------------
+    def append(self, item, spill: bool) -> int:
+        """Journal item under the next seq and return it; with spill, the item lives only here
+        until read back. A write that fails (disk full: nothing half-written stays in the way of
+        the next line) or an item that is not JSON raises JournalWriteError with the seq it was
+        given; the caller keeps the item in memory."""
+        with self._lock:
+            seq = self.next_seq
+            self.next_seq += 1
+            try:
+                line = (json.dumps([seq, *item]) + "\n").encode()
+                if self._torn:  # an earlier write stopped mid-line: end that line first
+                    self._write(b"\n")
+                    self._torn = False
+                start = self._size
+                self._write(line)
+            except (OSError, TypeError, ValueError) as e:
+                raise JournalWriteError(seq, e) from e
+            self._dirty = True
+            if spill:
+                if self.count == 0:
+                    self._read_pos, self.first_pending_seq = start, seq
+                self.count += 1
+                self.stats["spilled"] += 1
+            return seq
+
+    def _write(self, data: bytes) -> None:
+        written = 0
+        try:
+            while written < len(data):
+                n = os.write(self._fd, data[written:])
+                if n <= 0:
+                    raise OSError(28, "No space left on device (short write)")
+                written += n
+        except OSError:
+            self._torn = self._torn or written > 0
+            raise
+        finally:
+            self._size += written
+
+    # ----- reading back ------------------------------------------------------------------------
+    def resume_after(self, cursor: int) -> int:
+        """Recovery: make every journaled item with seq > cursor pending (read back in order by
+        read_into). Returns how many lines that is."""
+        with self._lock:
+            pos, count, first = 0, 0, None
+            with open(self.path, "rb") as f:
+                while True:
+                    start = f.tell()
+                    line = f.readline()
+                    if not line:
+                        break
+                    entry = parse_line(line)
+                    if entry is not None and entry[0] <= cursor:
+                        continue
+                    if first is None:
+                        pos, first = start, (entry[0] if entry else cursor + 1)
+                    count += 1
+            self.count, self._read_pos, self.first_pending_seq = count, pos, first
+            return count
+
+    def read_into(self, memory: collections.deque, fill_to: int) -> None:
+        """Move the oldest pending items into memory as (seq, item), up to fill_to entries there
+        (at least one line is read)."""
+        with self._lock:
+            try:
+                f = open(self.path, "rb")
+            except FileNotFoundError:  # removed under us: nothing to read back; say how much went
+                self.stats["spill_missing"] += self.count
+                self.log.error(f"MLflow queue: journal {self.path} vanished with {self.count} pending items")
+                self.count, self._read_pos, self.first_pending_seq = 0, 0, None
+                return
+            with f:
+                f.seek(self._read_pos)
+                while self.count and (len(memory) < fill_to or not memory):
+                    line = f.readline()
+                    if not line:
+                        self.count = 0  # the count and the file disagree (a torn line): the file is the truth
+                        break
+                    self.count -= 1
+                    entry = parse_line(line)
+                    if entry is None:
+                        self._quarantine(line)
+                        continue
+                    memory.append(entry)
+                    self.first_pending_seq = entry[0] + 1
+                self._read_pos = f.tell()
+            if self.count <= 0:
+                self.count, self.first_pending_seq = 0, None
+
+    def pending(self) -> collections.Counter:
+        """What is pending here, by kind; unreadable lines (or file) count as "unreadable"."""
+        counts = collections.Counter()
+        with self._lock:
+            if not self.count:
+                return counts
+            try:
+                with open(self.path, "rb") as f:
+                    f.seek(self._read_pos)
+                    for _, line in zip(range(self.count), f, strict=False):
+                        entry = parse_line(line)
+                        counts[entry[1][0] if entry else "unreadable"] += 1
+            except OSError:
+                counts["unreadable"] += self.count
+        return counts
+
+    def _quarantine(self, line: bytes) -> None:
+        self.stats["quarantined"] += 1
+        try:
+            with open(self.quarantine_path, "ab") as q:
+                q.write(line if line.endswith(b"\n") else line + b"\n")
+        except OSError as e:
+            self.log.error(f"MLflow queue: could not keep an unreadable journal line aside: {e}")
+        if self.stats["quarantined"] == 1:
+            self.log.error(f"MLflow queue: unreadable line(s) in {self.path} moved to {self.quarantine_path}")
+
+    # ----- durability ------------------------------------------------------------------------------
+    def sync(self) -> None:
+        """fsync what was appended, then record the cursor. Never raises (counted and logged once
+        per distinct error)."""
+        try:
+            cursor = self.cursor_fn() if self.cursor_fn else None  # before our lock: one lock order
+            with self._lock:
+                if self._dirty:
+                    self._dirty = False
+                    os.fsync(self._fd)
+                    self.stats["journal_syncs"] += 1
+            if cursor is not None and cursor != self._cursor_written:
+                write_atomic(self.folder / CURSOR, f"{cursor}\n")
+                self._cursor_written = cursor
+        except Exception as e:  # noqa: BLE001 - the journal must not take the writer down
+            self.stats["journal_sync_failures"] += 1
+            if str(e) not in self._errors:
+                self._errors.add(str(e))
+                self.log.error(f"MLflow journal: could not sync {self.folder}: {type(e).__name__}: {e}")
+
+    def _sync_loop(self) -> None:
+        while not self._stop.wait(self.sync_seconds):
+            self.sync()
+
+    def close(self) -> None:
+        """Stop the sync thread, sync a last time, close the file. Never raises."""
+        self._stop.set()
+        self._thread.join(5)
+        self.sync()
+        try:
+            os.close(self._fd)
+        except OSError:
+            pass
