@@ -93,6 +93,10 @@ def try_lock(folder):
     return f
 
 
+class JournalBusy(Exception):
+    """Another live process holds this journal (its job is running)."""
+
+
 class JournalWriteError(Exception):
     def __init__(self, seq: int, error: Exception):
         super().__init__(f"{type(error).__name__}: {error}")
@@ -102,9 +106,13 @@ class JournalWriteError(Exception):
 class Journal:
     def __init__(self, folder, stats: collections.Counter, log: logging.Logger, sync_seconds: float = 1.0):
         """stats: the queue's counters (spilled, quarantined, journal_* are added here). An
-        existing journal (recovery) is appended to, its seqs continued."""
+        existing journal (recovery) is appended to, its seqs continued. JournalBusy when a live
+        process holds it."""
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
+        self._lock_file = try_lock(self.folder)  # held until close() or the process ends
+        if self._lock_file is None:
+            raise JournalBusy(f"{self.folder} is held by a live process")
         self.path, self.quarantine_path = self.folder / ITEMS, self.folder / QUARANTINE
         self.stats, self.log = stats, log
         self.sync_seconds = max(0.05, float(sync_seconds))
@@ -286,3 +294,4 @@ class Journal:
             os.close(self._fd)
         except OSError:
             pass
+        self._lock_file.close()  # releases the lock

@@ -57,6 +57,8 @@ class MLflowSink:
         self.job_uid = uuid.uuid4().hex  # this job start's runs, whatever the job id (simulator: always the same)
         self.log = logger or logging.getLogger(__name__)
         self.journal_dir, self.last_round, self.ended = self.run_dir / JOURNAL_DIR, None, False
+        # The job's own tracking URI stays in its state, whatever URI a recovery was told to use.
+        self.state_uri = redact_uri((resume or {}).get("tracking_uri") or tracking_uri)
         if resume:
             self.job_uid, self.job_id = resume["job_uid"], resume.get("job_id", "")
             self.sites, self.last_round = list(resume.get("sites") or []), resume.get("last_round")
@@ -75,11 +77,10 @@ class MLflowSink:
             logger=logger,
             dead_letter_file=self.run_dir / DEAD_LETTER_FILE,
             resume=bool(resume),
+            run_ids=(resume or {}).get("run_ids"),
+            experiment_id=(resume or {}).get("experiment_id"),
             **queue_args,
         )
-        if resume:
-            self.queue.run_ids.update(resume.get("run_ids") or {})
-            self.queue.experiment_id = resume.get("experiment_id")
         self.save_state()
 
     def save_state(self) -> None:
@@ -89,8 +90,8 @@ class MLflowSink:
             "job_uid": self.job_uid,
             "job_name": getattr(self, "job_name", ""),
             "experiment_name": self.experiment_name,
-            "experiment_id": getattr(self.queue, "experiment_id", None),
-            "tracking_uri": redact_uri(self.queue.tracking_uri),
+            "experiment_id": self.queue.experiment_id,
+            "tracking_uri": self.state_uri,
             "sites": self.sites,
             "run_ids": dict(self.queue.run_ids),
             "last_round": self.last_round,
@@ -260,7 +261,7 @@ class MLflowSink:
         client.log_table(self._run_id(run_key), columns, artifact_file)
 
     def _log_models(self, client, final_path, best_path, best_info, register):
-        parent_id, exp_id = self._run_id(PARENT), getattr(self.queue, "experiment_id", None)
+        parent_id, exp_id = self._run_id(PARENT), self.queue.experiment_id
         self.models.log(
             client, self.queue.tracking_uri, parent_id, self.job_id, final_path, best_path, best_info, register,
             job_uid=self.job_uid, exp_id=exp_id,

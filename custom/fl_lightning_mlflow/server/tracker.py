@@ -34,6 +34,7 @@ from fl_lightning_mlflow.server.delivery import DeliveryLedger
 from fl_lightning_mlflow.server.mlflow_sink import PARENT, MLflowSink
 from fl_lightning_mlflow.server.model_logger import ModelLogger
 from fl_lightning_mlflow.server.records import RecordChecker
+from fl_lightning_mlflow.server.recovery import recover_workspace
 from fl_lightning_mlflow.server.summary import FederationSummary
 from fl_lightning_mlflow.server.tracking_uri import TrackingConfigError, check_server, check_tracking_uri, redact_uri
 
@@ -48,7 +49,8 @@ class FederatedMLflowTracker(MLflowReceiver):
                  fl_params: dict | None = None, promote_params: list | None = None, description: str = "",
                  max_memory_items: int = 200_000, retry_initial: float = 0.5, retry_max: float = 15.0,
                  final_flush_timeout: float = 120.0, http_request_max_retries: int = 2, http_request_timeout: int = 10,
-                 model_selector_id: str = "model_selector"):  # fmt: skip
+                 model_selector_id: str = "model_selector", journal_sync_seconds: float = 1.0,
+                 recover_orphans: bool = True):  # fmt: skip
         """Args are set in config_fed_server.json.
 
         tracking_uri: None or "" = sqlite mlflow.db in the server's job workspace; or
@@ -66,6 +68,10 @@ class FederatedMLflowTracker(MLflowReceiver):
             environment does not set MLFLOW_HTTP_REQUEST_MAX_RETRIES/TIMEOUT; our queue retries
             beyond that without holding anything else up.
         model_selector_id: the IntimeModelSelector whose weights the per-round means use.
+        journal_sync_seconds: how often the journal of accepted records is fsynced (a crash of
+            the machine loses at most this window; a crash of the FL server process, nothing).
+        recover_orphans: at job start, recover (in the background) the tracking of earlier jobs
+            on this FL server whose process died (their journals in the server's workspace).
         """
         super().__init__(tracking_uri=tracking_uri or None, kw_args=kw_args, events=events)
         self.experiment_name = self.kw_args.get("experiment_name") or "hello-lightning-mlflow"
@@ -78,7 +84,11 @@ class FederatedMLflowTracker(MLflowReceiver):
         self.fl_params = fl_params or {}
         self.promote_params = list(promote_params or [])
         self.description = description
-        self.queue_args = {"max_memory_items": max_memory_items, "retry_initial": retry_initial, "retry_max": retry_max}
+        if not (isinstance(journal_sync_seconds, (int, float)) and 0 < journal_sync_seconds <= 60):
+            raise TrackingConfigError(f"journal_sync_seconds must be in (0, 60], got {journal_sync_seconds!r}")
+        self.queue_args = {"max_memory_items": max_memory_items, "retry_initial": retry_initial, "retry_max": retry_max,
+                           "sync_seconds": float(journal_sync_seconds)}  # fmt: skip
+        self.recover_orphans = recover_orphans
         self.final_flush_timeout = final_flush_timeout
         self.http_defaults = {
             "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(http_request_max_retries),
@@ -125,6 +135,7 @@ class FederatedMLflowTracker(MLflowReceiver):
         elif event_type == AppEventType.ROUND_DONE:
             fl_round = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
             self.sink.metrics(PARENT, self.summary.close_round(fl_round), _now(), step=fl_round)
+            self.sink.round_done(fl_round)  # in the journal's state: recovery names the last completed round
         elif event_type == AppEventType.GLOBAL_BEST_MODEL_AVAILABLE:
             self.summary.set_best(
                 fl_ctx.get_prop(AppConstants.CURRENT_ROUND), fl_ctx.get_prop(AppConstants.VALIDATION_RESULT)
@@ -173,6 +184,19 @@ class FederatedMLflowTracker(MLflowReceiver):
         where = redact_uri(uri) if not uri.startswith("sqlite") else uri.replace("sqlite:///", "", 1)
         self.log_info(fl_ctx, f"MLflow tracking to {where}, experiment {self.experiment_name!r}")
         self.tracking = True
+        if self.recover_orphans:
+            own = Path(workspace.get_run_dir(job_id))
+            threading.Thread(target=self._recover, args=(Path(workspace.get_root_dir()), own), daemon=True).start()
+
+    def _recover(self, server_workspace: Path, own_run_dir: Path) -> None:
+        """Earlier jobs of this FL server that died with their tracking unfinished (off FLARE's
+        threads: this job does not wait for it)."""
+        try:
+            for run_dir, result in recover_workspace(server_workspace, exclude=own_run_dir, logger=self.logger):
+                if isinstance(result, str):
+                    self.logger.info(f"recovery: {run_dir}: {result}")
+        except Exception as e:  # noqa: BLE001 - recovery is a service to earlier jobs; never this job's failure
+            self.logger.error(f"recovery: {type(e).__name__}: {e}")
 
     # ----- streamed site data (called by the base class under its save lock) --------------------
     def save(self, fl_ctx: FLContext, shareable: Shareable, record_origin: str):

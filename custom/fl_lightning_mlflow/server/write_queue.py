@@ -64,6 +64,8 @@ class WriteQueue:
         unknown_error_attempts: int = 5,
         sync_seconds: float = 1.0,
         resume: bool = False,
+        run_ids: dict | None = None,
+        experiment_id: str | None = None,
     ):
         """actions: name -> callable(client, *args) for "call" items; may raise to be retried.
 
@@ -76,11 +78,13 @@ class WriteQueue:
             isolated like a refused one, so it cannot hold every later item until job end.
         sync_seconds: how often the journal is fsynced and its cursor recorded.
         resume: recovery: the journal exists; what lies beyond its cursor is queued again.
+        run_ids, experiment_id: what is known before the writer starts (recovery).
         """
         self.client = None  # made in the writer thread: opening a database store does I/O
         self.tracking_uri = tracking_uri
         self.actions = actions
-        self.run_ids: dict = {}
+        self.run_ids: dict = dict(run_ids or {})
+        self.experiment_id = experiment_id
         self.dead_runs: dict = {}  # run_key -> why MLflow will never take its items (deleted, not created)
         self.dead_letter_file = (
             Path(dead_letter_file) if dead_letter_file else Path(journal_dir).parent / DEAD_LETTER_FILE
