@@ -23,6 +23,7 @@ from fl_lightning_mlflow.server.recovery import (
     recover,
     recover_workspace,
 )
+from flctl.cli import main
 
 # A job's tracking in its own process: round 0 confirmed and the cursor recorded; then round 1's
 # points are accepted (journaled) and the process is killed before the cursor moves again.
@@ -159,3 +160,17 @@ def test_a_recovery_that_cannot_reach_mlflow_counts_what_is_left_and_a_later_one
     site = load_state(run_dir / JOURNAL_DIR)["run_ids"]["site-2"]
     assert len(series(MlflowClient(uri), site, "train_loss")) == 20
     assert os.path.exists(run_dir / RECOVERY_FILE)
+
+
+def test_flctl_recover_recovers_a_server_workspace_and_says_so(tmp_path, empty_store, capsys):
+    run_dir, uri = crashed_job(tmp_path, empty_store)
+    assert main(["recover", str(tmp_path / "server")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(
+        "recovery: job job-1: 22 journaled item(s) beyond the cursor, 25 point(s) written, 0 refused, 0 lost"
+    )
+    assert "runs FAILED (the FL server stopped after round 0" in out
+    assert main(["recover", str(run_dir)]) == 0  # one job's folder works too; nothing left to do
+    assert capsys.readouterr().out.strip() == f"recover: nothing to recover in {run_dir}"
+    assert main(["recover", str(tmp_path / "absent")]) == 1
+    assert capsys.readouterr().err.strip() == f"flctl recover: no folder {tmp_path / 'absent'}"

@@ -1,6 +1,6 @@
 """flctl: the project's one command line.
 
-    flctl prepare-data | configure | check | simulate | poc | mlflow-server | evaluate | contents
+    flctl prepare-data | configure | check | simulate | poc | mlflow-server | evaluate | contents | recover
 
 `flctl SUBCOMMAND --help` says more. A failure prints one line `flctl SUBCOMMAND: reason` on
 stderr and exits non-zero (2 for a wrong argument).
@@ -23,6 +23,7 @@ MODULES = (
     "flctl.mlflow_server",
     "flctl.evaluate",
     "flctl.mlflow_contents",
+    "flctl.recover",
 )
 
 

@@ -5,7 +5,9 @@
   prepare   create the POC workspace for --sites sites (replaces an earlier one)
   start     start the FL server, then the sites; only the server gets MLflow credentials.
             Says so and does nothing when all are running; after a crash, stops what is left
-            and clears stale PID files first
+            and clears stale PID files first, recovers the tracking of jobs the dead server
+            left unfinished (flctl recover; --no-recover skips it) and marks those jobs
+            FINISHED:ABORTED in FLARE's job store (FLARE 2.9 cannot resume them)
   submit    configure a copy of the job, check it (flctl check), submit it; prints the job id
   wait      wait for the submitted job (--timeout) and fail unless FLARE says it finished OK;
             if the FL server goes away meanwhile, say so, stop the sites and fail
@@ -34,8 +36,10 @@ from flctl import nvflare_cli, processes
 from flctl.check_job import check_or_fail, split_sites
 from flctl.configure import JobConfigError, configure_job
 from flctl.errors import DEFAULT_JOB, CliError, default_data_root, resolve_job
+from flctl.job_store import ABORTED, end_zombie_jobs
 from flctl.mlflow_server import CREDENTIAL_VARS, read_env_file
 from flctl.outcome import MODEL_FILE, read_stats
+from flctl.recover import recover_tracking
 from flctl.simulate import ensure_data, job_settings
 
 COMMANDS = ("prepare", "start", "submit", "wait", "download", "stop", "clean", "status", "run")
@@ -62,12 +66,13 @@ class Poc:
         timeout=1800,
         job_id=None,
         say=say,
+        recover=True,
     ):
         self.workspace = Path(workspace).expanduser().resolve()
         self.sites, self.job_src, self.rounds, self.epochs = sites, resolve_job(job), rounds, epochs
         self.offline, self.data_root = offline, default_data_root(data_root, offline)
         self.tracking_uri, self.credentials, self.timeout, self.job_id = tracking_uri, credentials, timeout, job_id
-        self.say = say
+        self.say, self.recover = say, recover
         self.poc_ws = self.workspace / "poc"
         self.prod = self.poc_ws / "example_project" / "prod_00"
         self.kit = self.prod / "admin@nvidia.com"
@@ -144,6 +149,7 @@ class Poc:
             )
             self.stop()
         self.clear_stale_pid_files()
+        self.after_server_crash()
         self.home.mkdir(parents=True, exist_ok=True)
         # The server alone gets the credentials, in its environment (never on a command line).
         server_env = self.env(**self.server_credentials())
@@ -157,6 +163,30 @@ class Poc:
             self.stop(quiet=True)
             raise CliError(f"the sites did not start; see {self.workspace / 'start-sites.log'}")
         self.say(f"poc: server and {self.sites} site(s) running ({len(self.pids())} processes)")
+
+    def after_server_crash(self):
+        """With the server down: recover the tracking of jobs it left unfinished, then end those
+        jobs in FLARE's job store (both no-ops after a clean stop)."""
+        from fl_lightning_mlflow.server.recovery import orphaned_journals  # imports MLflow: only here
+
+        server = self.prod / "server"
+        if self.recover and orphaned_journals(server):
+            self.say("poc: recovering the tracking of job(s) the FL server left unfinished")
+            saved = {k: os.environ.get(k) for k in CREDENTIAL_VARS}
+            os.environ.update(self.server_credentials())  # this process stands in for the FL server
+            try:
+                results = recover_tracking(server, self.tracking_uri, say=lambda m: self.say(f"poc: {m}"))
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+            for run_dir, result in results:
+                if isinstance(result, str) or sum(result.get("lost", {}).values()):
+                    self.say(f"poc: {run_dir.name}: not recovered in full; run: flctl recover {run_dir}", err=True)
+        for job_id in end_zombie_jobs(server):
+            self.say(f"poc: job {job_id} was RUNNING when the FL server died; marked {ABORTED} in FLARE's job store")
 
     def submit(self):
         if not self.pids():

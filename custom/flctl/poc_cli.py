@@ -19,6 +19,7 @@ def register(subparsers) -> None:
     p.add_argument("--credentials", help="MLFLOW_TRACKING_USERNAME=/PASSWORD= file, for the FL server only")
     p.add_argument("--timeout", type=positive_int, default=1800, help="seconds to wait for the job (default 1800)")
     p.add_argument("--job-id", help="job for wait/download (default: the last one submitted from this workspace)")
+    p.add_argument("--no-recover", action="store_true", help="start: leave unfinished tracking of a dead server's jobs")
     p.set_defaults(func=run)
 
 
@@ -35,6 +36,7 @@ def run(args) -> int:
         args.credentials,
         args.timeout,
         args.job_id,
+        recover=not args.no_recover,
     )
     getattr(poc, args.command)()
     return 0
