@@ -30,3 +30,13 @@ def test_only_this_servers_running_jobs_are_marked_aborted(tmp_path):
     assert [job_status(server, j) for j in ("a1", "b2", "c3")] == ["FINISHED:ABORTED", "RUNNING", "FINISHED:COMPLETED"]
     assert end_zombie_jobs(server) == []  # idempotent
     assert job_status(server, "nope") is None
+
+
+def test_a_store_no_job_was_ever_submitted_to_has_nothing_to_end(tmp_path):
+    server = server_with_store(tmp_path)
+    for job in (tmp_path / "jobs-storage").iterdir():
+        for f in job.iterdir():
+            f.unlink()
+        job.rmdir()
+    (tmp_path / "jobs-storage").rmdir()
+    assert end_zombie_jobs(server) == []

@@ -6,6 +6,7 @@ server exactly as in the simulator; only the FL server's processes hold the cred
 unauthenticated request is refused; nothing the scripts started is left running.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -19,7 +20,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO, live_processes, tracked_runs
-from flctl.mlflow_server import free_port
+from flctl import nvflare_cli
+from flctl.job_store import job_status
+from flctl.mlflow_server import MlflowServer, free_port
+from flctl.poc import Poc
 
 pytestmark = pytest.mark.slow
 CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
@@ -176,10 +180,42 @@ def test_poc_cycle_tracks_like_the_simulator_with_credentials_on_the_server_only
         assert processes_under(server_dir) == {}
 
 
-def test_fl_server_stopping_mid_job_is_reported_and_a_restart_works(offline_data, tmp_path):
+def find_dicts(value):
+    """Every dict inside a JSON answer."""
+    if isinstance(value, dict):
+        yield value
+        for v in value.values():
+            yield from find_dicts(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from find_dicts(v)
+
+
+def journal_points(journal_file: Path) -> dict:
+    """run key -> {(key, step, value, timestamp)} of the metric points a job's journal accepted."""
+    points = {}
+    for line in journal_file.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # a line the kill tore: never accepted in full
+        if entry[1] == "metric":
+            _, _, run_key, key, value, timestamp, step = entry
+            points.setdefault(run_key, set()).add((key, step, float(value), timestamp))
+    return points
+
+
+def test_fl_server_killed_mid_round_is_recovered_and_the_next_job_runs(offline_data, tmp_path):
+    """Issue 11's end to end, the worst case: the tracking server goes down after round 0, then
+    the FL server's processes are SIGKILLed in the middle of round 1 of a 4-round job, so records
+    were accepted that MLflow never confirmed. Both come back: recovery writes what the journal
+    accepted, once; every run ends FAILED naming the last completed round; FLARE no longer lists
+    the job RUNNING; the next job runs normally into new runs."""
     workspace = tmp_path / "poc"
     prod = workspace / "poc/example_project/prod_00"
-    poc = ["--workspace", workspace, "--data-root", offline_data, "--rounds", "3"]
+    tracking = MlflowServer(tmp_path / "mlflow-server", free_port())
+    tracking.start()
+    poc = ["--workspace", workspace, "--data-root", offline_data, "--rounds", "4", "--tracking-uri", tracking.uri]
     try:
         script("poc.sh", *poc, "prepare")
         script("poc.sh", *poc, "start")
@@ -188,9 +224,11 @@ def test_fl_server_stopping_mid_job_is_reported_and_a_restart_works(offline_data
         job_id = (workspace / "last_job_id").read_text().strip()
         site_log = prod / "site-1" / job_id / "log.txt"
         deadline = time.monotonic() + 300
-        while not (site_log.is_file() and "round 0: training starts" in site_log.read_text()):
-            assert time.monotonic() < deadline, "site-1 never started training"
-            time.sleep(0.5)
+        while not (site_log.is_file() and "round 1: training starts" in site_log.read_text()):
+            assert time.monotonic() < deadline, "site-1 never started round 1"
+            time.sleep(0.2)
+        tracking.kill()  # the tracking server's host goes down first ...
+        time.sleep(3)  # ... while the sites train and stream round 1: accepted, journaled, unconfirmed
         # The server's host goes down: its daemon, its process and the job's process, at once.
         server = [pid for pid, (cmd, _) in processes_under(workspace / "poc").items() if f"{prod}/server" in cmd]
         assert server
@@ -208,10 +246,60 @@ def test_fl_server_stopping_mid_job_is_reported_and_a_restart_works(offline_data
         )
         assert processes_under(workspace / "poc") == {}  # the sites were stopped too
 
-        # After the crash: the server's daemon_pid.fl is left behind; a new start clears it and runs.
+        job_dir = prod / "server" / job_id
+        state = json.loads((job_dir / "mlflow_journal/state.json").read_text())
+        assert not state["ended"] and state["last_round"] == 0
+        accepted = journal_points(job_dir / "mlflow_journal/items.jsonl")
+
+        # Both come back: stale PID files cleared, tracking recovered, the zombie job ended in FLARE.
+        tracking.start()
         assert (prod / "server/daemon_pid.fl").exists()
         restarted = script("poc.sh", *poc, "start")
+        print(restarted)
         assert "stale PID/control file(s)" in restarted and "poc: server and 2 site(s) running" in restarted
+        assert f"poc: recovery: job {job_id}: " in restarted and ", 0 lost; runs FAILED" in restarted
+        assert f"poc: job {job_id} was RUNNING when the FL server died; marked FINISHED:ABORTED" in restarted
+        account = json.loads((job_dir / "mlflow_recovery.json").read_text())
+        print(f"recovery: {account}")
+        assert account["lost"] == {} and account["refused"] == {} and account["replayed"] > 0
+
+        # MLflow holds every point the journal accepted, each once, in the job's own runs.
+        client = MlflowClient(tracking.uri)
+        reason = "the FL server stopped after round 0 (the last completed round); tracking recovered from its journal"
+        for run_key, run_id in state["run_ids"].items():
+            run = client.get_run(run_id)
+            assert run.info.status == "FAILED" and run.data.tags["failure_reason"] == reason, run_key
+            stored = [
+                (m.key, m.step, m.value, m.timestamp)
+                for key in run.data.metrics
+                for m in client.get_metric_history(run_id, key)
+            ]
+            assert len(stored) == len(set(stored)), f"{run_key}: duplicated points"
+            assert set(stored) == accepted.get(run_key, set()), run_key
+        parent = client.get_run(state["run_ids"]["__parent__"])
+        assert [m.step for m in client.get_metric_history(parent.info.run_id, "global_val_acc")] == [0]
+        print(f"points per run: { {k: len(v) for k, v in accepted.items()} }")
+
+        # FLARE tells the truth, and a job submitted now runs normally into new runs.
+        admin = Poc(workspace)
+        listed = admin.nvflare(["job", "list", "--startup-kit", admin.kit], "list.log", json_out=True)
+        entries = [e for e in find_dicts(nvflare_cli.parse_json(listed.stdout)) if job_id in e.values()]
+        assert entries and all("RUNNING" not in str(e.values()) for e in entries), listed.stdout[-2000:]
+        assert job_status(prod / "server", job_id) == "FINISHED:ABORTED"
+        script("poc.sh", *poc[:-2], "--rounds", "1", "submit")
+        script("poc.sh", *poc, "wait")
+        next_id = (workspace / "last_job_id").read_text().strip()
+        assert next_id != job_id
+        downloaded = script("poc.sh", *poc, "download")  # judged from the stats file: FINISHED, 0 lost
+        assert "MLflow runs:     status FINISHED;" in downloaded and ", 0 lost" in downloaded
+        experiment = client.get_experiment_by_name("hello-lightning-mlflow")
+        (new_parent,) = client.search_runs([experiment.experiment_id], filter_string=f"tags.job_id = '{next_id}'")
+        children = client.search_runs(
+            [experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{new_parent.info.run_id}'"
+        )
+        assert new_parent.info.run_id not in state["run_ids"].values() and len(children) == 2
+        assert all(r.info.status == "FINISHED" for r in [new_parent, *children])
     finally:
         subprocess.run(["bash", str(REPO / "scripts/poc.sh"), "--workspace", str(workspace), "stop"], timeout=120)
+        tracking.stop()
     assert processes_under(workspace / "poc") == {}

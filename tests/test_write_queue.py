@@ -4,6 +4,7 @@ the journal as overflow, read back in order, and what is counted as lost when it
 import logging
 import socket
 import threading
+import time
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -119,3 +120,18 @@ def test_points_for_a_run_not_created_yet_wait_for_it(store, tmp_path):
     queue.run_ids["late-site"] = client.create_run(experiment).info.run_id
     assert queue.drain(10) and queue.close(5) == {}
     assert [(m.step, m.value) for m in client.get_metric_history(queue.run_ids["late-site"], "acc")] == [(3, 0.25)]
+
+
+def test_the_journal_is_synced_and_its_cursor_recorded_on_a_short_cadence(store, tmp_path):
+    uri, client, experiment = store
+    queue = WriteQueue(uri, tmp_path / "journal", {}, sync_seconds=0.1)
+    queue.run_ids["site-1"] = client.create_run(experiment).info.run_id
+    for step in range(50):
+        queue.put(("metric", "site-1", "x", 0.5, 0, step))
+    assert queue.drain(10) and queue.cursor() == 50
+    cursor_file, deadline = tmp_path / "journal" / "cursor", time.monotonic() + 5
+    while not (cursor_file.exists() and cursor_file.read_text() == "50\n"):
+        assert time.monotonic() < deadline, "the cursor was not recorded while the queue ran"
+        time.sleep(0.05)
+    assert queue.stats["journal_syncs"] >= 1  # fsynced without waiting for close
+    assert queue.close(5) == {}

@@ -1,11 +1,12 @@
 """WriteQueue and MLflowSink when things go wrong, against a real MLflow SQLite store: what MLflow
-refuses for good is isolated and dead-lettered while everything else is written, a torn spill
+refuses for good is isolated and dead-lettered while everything else is written, a torn journal
 line is quarantined, no exception stops the writer, close() never raises, and run creation and
 model registration are idempotent when a reply is lost."""
 
 import json
 import logging
 import socket
+import subprocess
 import types
 
 import mlflow
@@ -259,3 +260,41 @@ def test_a_model_version_is_registered_once_when_registration_is_retried(store, 
     versions = client.search_model_versions("name='registered-once'")
     assert sorted(v.tags[JOB_UID_TAG] for v in versions) == ["uid-1", "uid-2"]
     assert all(v.tags["round"] == "1" and v.run_id == run_id for v in versions)
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 64 KiB filesystem of the test's own (tmpfs), unmounted afterwards."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {made.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_under_the_journal_keeps_items_in_memory_and_loses_none(store, tmp_path, full_disk, caplog):
+    uri, client, experiment = store
+    release = []
+
+    def hold(client):
+        if not release:
+            raise ConnectionError("tracking server not up yet")  # items pile up, spilling to the journal
+
+    queue = WriteQueue(
+        uri, full_disk / "journal", {"hold": hold}, max_memory_items=300, retry_initial=0.01, retry_max=0.1,
+        logger=logging.getLogger("wq-disk"), dead_letter_file=tmp_path / "dead.jsonl",
+    )  # fmt: skip
+    queue.run_ids["site-1"] = client.create_run(experiment).info.run_id
+    with caplog.at_level(logging.ERROR, logger="wq-disk"):
+        queue.put(("call", "hold", []))
+        for step in range(2000):  # about 140 KB of journal lines: the disk fills up part way
+            queue.put(("metric", "site-1", "loss", 1.0 / (step + 1), 0, step))
+    assert queue.stats["journal_failures"] > 0 and queue.stats["spilled"] > 0
+    assert caplog.text.count("could not journal an item") == 1  # said once, counted always
+    release.append(True)
+    assert queue.drain(60)
+    history = client.get_metric_history(queue.run_ids["site-1"], "loss")
+    assert sorted(m.step for m in history) == list(range(2000))  # every point, once
+    assert queue.close(5) == {}

@@ -26,10 +26,12 @@ def job_store(server_dir):
 
 def end_zombie_jobs(server_dir) -> list:
     """Mark this server's jobs still RUNNING in the store FINISHED:ABORTED; only call it while the
-    server is down. Only jobs this server ran (a folder in its workspace) are touched: POC
-    workspaces on one machine share the store. Returns their ids."""
+    server is down. Only jobs this server ran (a folder in its workspace) are touched, in case
+    several servers share the store. Returns their ids."""
     store, root = job_store(server_dir)
     ended = []
+    if not Path(root).is_dir():  # no job was ever submitted to this store
+        return ended
     for uri in store.list_objects(root):
         job_id = Path(uri).name
         if not (Path(server_dir) / job_id).is_dir():

@@ -115,6 +115,9 @@ class MlflowServer:
         self.drop_stale_pid_file()
         (self.folder / "artifacts").mkdir(exist_ok=True)
         env = {k: v for k, v in os.environ.items() if k not in CREDENTIAL_VARS}
+        # Tracking only: MLflow 3's server-side job runner (GenAI jobs; 8 more processes, each
+        # importing MLflow, about 25 s of CPU at every start on 2 cores) stays off unless asked for.
+        env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
         cmd = [str(Path(sys.executable).parent / "mlflow"), "server"]
         if self.auth:
             env.update(self.ensure_secrets())
