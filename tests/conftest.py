@@ -1,10 +1,11 @@
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 
-from flctl import data_prep
+from flctl import data_prep, processes
 from flctl.processes import live_processes  # noqa: F401 - tests import it from here
 from flctl.simulate import nvflare_simulator, simulate
 
@@ -20,6 +21,20 @@ def offline_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data") / "offline-cifar10"
     data_prep.prepare(root, sites=2, offline=True, say=lambda msg: None)
     return root
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_process_left_behind(request, tmp_path_factory):
+    """After each test module: nothing a test started may still run (a leftover would slow every
+    later test on 2 cores). What is found is ended, and named in a warning in the test summary."""
+    yield
+    left = processes.naming(tmp_path_factory.getbasetemp())
+    if left:
+        processes.end(list(left), grace=3)
+        names = "; ".join(f"{pid} {line[:120]}" for pid, line in sorted(left.items())[:5])
+        warnings.warn(
+            f"{request.module.__name__} left {len(left)} process(es) running, now ended: {names}", stacklevel=2
+        )
 
 
 def run_simulator(job: Path, workspace: Path, sites: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -286,7 +286,7 @@ def test_fl_server_killed_mid_round_is_recovered_and_the_next_job_runs(offline_d
         entries = [e for e in find_dicts(nvflare_cli.parse_json(listed.stdout)) if job_id in e.values()]
         assert entries and all("RUNNING" not in str(e.values()) for e in entries), listed.stdout[-2000:]
         assert job_status(prod / "server", job_id) == "FINISHED:ABORTED"
-        script("poc.sh", *poc[:-2], "--rounds", "1", "submit")
+        script("poc.sh", *poc, "--rounds", "1", "submit")  # the last --rounds counts
         script("poc.sh", *poc, "wait")
         next_id = (workspace / "last_job_id").read_text().strip()
         assert next_id != job_id

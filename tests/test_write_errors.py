@@ -1,6 +1,10 @@
 """write_errors.refusal: what the write queue retries and what it isolates, from MLflow's real errors."""
 
+import http.server
+import threading
+
 import pytest
+from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 from mlflow.tracking import MlflowClient
@@ -53,3 +57,48 @@ def test_an_unreachable_server_is_worth_retrying(monkeypatch):
 )
 def test_each_kind_of_failure_is_classified(error, expected):
     assert refusal(error) == expected
+
+
+class Answering(http.server.BaseHTTPRequestHandler):
+    """A server on 127.0.0.1 that answers every request with the status and body it is given
+    (what a proxy, a rate limiter or an overloaded tracking server sends back)."""
+
+    status, body = 503, b"Service Unavailable"
+
+    def do_POST(self):  # noqa: N802 - http.server's naming
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(self.status)
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    do_GET = do_POST  # noqa: N815
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize(
+    "status,body,retried",
+    [
+        (429, b"Too Many Requests", True),
+        (503, b"Service Unavailable", True),
+        (502, b"<html>Bad Gateway</html>", True),
+        (500, b'{"error_code": "INTERNAL_ERROR", "message": "database is locked"}', True),
+        (400, b'{"error_code": "INVALID_PARAMETER_VALUE", "message": "Changing param values is not allowed"}', False),
+    ],
+)
+def test_http_answers_from_a_real_server_are_classified(monkeypatch, status, body, retried):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's own retries: the queue retries
+    handler = type("Handler", (Answering,), {"status": status, "body": body})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = MlflowClient(f"http://127.0.0.1:{server.server_address[1]}")
+        reason = refusal(raised(lambda: client.log_batch("0" * 32, metrics=[Metric("m", 1.0, 0, 0)])))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (reason is None) == retried, reason
+    if not retried:
+        assert reason == "INVALID_PARAMETER_VALUE: Changing param values is not allowed"

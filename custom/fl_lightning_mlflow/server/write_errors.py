@@ -52,7 +52,8 @@ def refusal(error: BaseException) -> str | None:
     if isinstance(error, MlflowException):
         code = getattr(error, "error_code", "")
         if code in REFUSED_CODES:
-            return f"{code}: {getattr(error, 'message', error)}"
+            message = str(getattr(error, "message", error))
+            return f"{code}: {message.removeprefix(f'{code}: ')}"  # a REST error's message repeats the code
         return None
     if isinstance(error, (RunNotReady, OSError, RequestException)):  # OSError: connection, timeout, disk
         return None
