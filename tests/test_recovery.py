@@ -174,3 +174,16 @@ def test_flctl_recover_recovers_a_server_workspace_and_says_so(tmp_path, empty_s
     assert capsys.readouterr().out.strip() == f"recover: nothing to recover in {run_dir}"
     assert main(["recover", str(tmp_path / "absent")]) == 1
     assert capsys.readouterr().err.strip() == f"flctl recover: no folder {tmp_path / 'absent'}"
+
+
+def test_the_tracker_recovers_dead_jobs_of_its_server_at_job_start_but_not_its_own(tmp_path, empty_store):
+    from fl_lightning_mlflow.server.tracker import FederatedMLflowTracker
+
+    run_dir, uri = crashed_job(tmp_path, empty_store)
+    own = tmp_path / "server" / "job-2"
+    (own / JOURNAL_DIR).mkdir(parents=True)
+    (own / JOURNAL_DIR / "state.json").write_text(json.dumps({"job_uid": "u2", "tracking_uri": uri, "ended": False}))
+    FederatedMLflowTracker()._recover(tmp_path / "server", own)  # what initialize() starts in a thread
+    assert load_state(run_dir / JOURNAL_DIR)["ended"]
+    assert json.loads((run_dir / RECOVERY_FILE).read_text())["replayed"] == 22
+    assert not load_state(own / JOURNAL_DIR)["ended"] and not (own / RECOVERY_FILE).exists()
