@@ -70,7 +70,8 @@ def one_problem(job, sites=2, data_root=None) -> str:
 
 def test_the_shipped_jobs_pass(offline_data):
     # In a fresh process, as a user runs `flctl check`; both jobs in one, to pay for the imports once.
-    jobs = [str(REPO / "jobs" / job) for job in ("hello-lightning-mlflow", "hello-pt-mlflow")]
+    names = ("hello-lightning-mlflow", "hello-pt-mlflow", "hello-lightning-fedprox", "hello-lightning-scaffold")
+    jobs = [str(REPO / "jobs" / job) for job in names]
     code = "import sys; from flctl.cli import main; "
     code += "sys.exit(max(main(['check', j, *sys.argv[1:3]]) for j in sys.argv[3:]))"
     result = subprocess.run(
@@ -160,6 +161,56 @@ def test_a_key_metric_the_sites_never_report(tmp_path, offline_data):
         "component 'model_selector': key_metric 'val_accuracy' is never reported by the sites "
         "(they report ['global_val_acc', 'global_val_loss'])"
     )
+
+
+FEDPROX, SCAFFOLD = REPO / "jobs" / "hello-lightning-fedprox", REPO / "jobs" / "hello-lightning-scaffold"
+
+
+def test_fedprox_mu_recorded_is_the_one_the_sites_train_with(tmp_path, offline_data):
+    job = configure_job(FEDPROX, tmp_path / "job", {"client.data_root": str(offline_data), "client.fedprox_mu": 0.1})
+    assert one_problem(job) == (
+        f"{job / SERVER}: component 'mlflow_tracker': fl_params record fedprox_mu 0.01, "
+        "but the sites train with fedprox_mu 0.1"
+    )
+    job = configure_job(FEDPROX, tmp_path / "job", {"client.fedprox_mu": 0, "server.fedprox_mu": 0})
+    problems, _ = check_job(job, 2, None, check_data=False)
+    assert problems == [
+        f"{job / SERVER}: component 'mlflow_tracker': fl_params record algorithm FedProx, "
+        "but the sites train with fedprox_mu 0 (FedAvg)"
+    ]
+    job = configure_job(FEDPROX, tmp_path / "job", {"client.fedprox_mu": -1, "server.fedprox_mu": -1})
+    problems, _ = check_job(job, 2, None, check_data=False)
+    assert len(problems) == 1 and problems[0].endswith(
+        "LightningEngine refused its arguments: ValueError: LightningEngine: fedprox_mu must be a number >= 0 "
+        "(0: FedAvg), got -1"
+    )
+
+
+def test_scaffold_needs_its_aggregator_to_expect_the_control_differences(tmp_path):
+    job = configure_job(SCAFFOLD, tmp_path / "job", {})
+    edit(job, SERVER, lambda c: component(c, "aggregator")["args"].update(expected_data_kind="WEIGHT_DIFF"))
+    problems, _ = check_job(job, 2, None, check_data=False)
+    assert problems == [
+        f"{job / SERVER}: component 'aggregator': SCAFFOLD (workflow 'scatter_and_gather_scaffold') needs "
+        'expected_data_kind {"_model_weights_": "WEIGHT_DIFF", "scaffold_c_diff": "WEIGHT_DIFF"}, got "WEIGHT_DIFF"'
+    ]
+
+
+def test_the_recorded_algorithm_is_the_one_that_runs(tmp_path):
+    job = configure_job(JOB, tmp_path / "job", {})  # FedAvg's workflow, recorded as SCAFFOLD
+    edit(job, SERVER, lambda c: component(c, "mlflow_tracker")["args"]["fl_params"].update(algorithm="SCAFFOLD"))
+    problems, _ = check_job(job, 2, None, check_data=False)
+    assert problems == [
+        f"{job / SERVER}: component 'mlflow_tracker': fl_params record algorithm SCAFFOLD, "
+        "but no workflow runs it (ScatterAndGatherScaffold)"
+    ]
+    job = configure_job(SCAFFOLD, tmp_path / "job", {})
+    edit(job, SERVER, lambda c: component(c, "mlflow_tracker")["args"]["fl_params"].update(algorithm="FedAvg"))
+    problems, _ = check_job(job, 2, None, check_data=False)
+    assert problems == [
+        f"{job / SERVER}: component 'mlflow_tracker': fl_params record algorithm 'FedAvg', "
+        "but workflow 'scatter_and_gather_scaffold' runs SCAFFOLD"
+    ]
 
 
 @pytest.mark.parametrize(

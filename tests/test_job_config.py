@@ -11,11 +11,12 @@ from fl_lightning_mlflow.common.protocol import GLOBAL_PREFIX
 from flctl.configure import JobConfigError, configure_job
 
 CONFIGS = [JOB / "meta.json", JOB / "app/config/config_fed_server.json", JOB / "app/config/config_fed_client.json"]
-PT_JOB = REPO / "jobs" / "hello-pt-mlflow"
-ALL_CONFIGS = CONFIGS + [
-    PT_JOB / "meta.json",
-    PT_JOB / "app/config/config_fed_server.json",
-    PT_JOB / "app/config/config_fed_client.json",
+# Every job folder under jobs/: FedAvg (Lightning, plain PyTorch), FedProx, SCAFFOLD.
+JOBS = sorted(p.name for p in (REPO / "jobs").iterdir() if (p / "meta.json").is_file())
+ALL_CONFIGS = [
+    REPO / "jobs" / job / rel
+    for job in JOBS
+    for rel in ("meta.json", "app/config/config_fed_server.json", "app/config/config_fed_client.json")
 ]
 
 
@@ -55,7 +56,16 @@ def test_key_metric_is_one_the_sites_report():
     assert server["key_metric"] == f"{GLOBAL_PREFIX}val_acc"
 
 
-@pytest.mark.parametrize("job", ["hello-lightning-mlflow", "hello-pt-mlflow"])
+def test_every_job_is_there():
+    expected = {"hello-lightning-mlflow", "hello-pt-mlflow", "hello-lightning-fedprox", "hello-lightning-scaffold"}
+    assert expected <= set(JOBS)
+    for job in JOBS:  # each its own job name and MLflow experiment
+        assert json.loads((REPO / "jobs" / job / "meta.json").read_text())["name"] == job
+        server = json.loads((REPO / "jobs" / job / "app/config/config_fed_server.json").read_text())
+        assert server["experiment_name"] == job and server["registered_model_name"] == f"{job}-global"
+
+
+@pytest.mark.parametrize("job", JOBS)
 def test_the_job_carries_the_package_as_one_link_to_custom(job):
     # One source of truth: app/custom holds a relative link to the package, nothing else; the
     # command-line package (flctl: data preparation, checks) is not shipped to the sites.
@@ -64,6 +74,33 @@ def test_the_job_carries_the_package_as_one_link_to_custom(job):
     link = shipped / "fl_lightning_mlflow"
     assert link.is_symlink() and os.readlink(link) == "../../../../custom/fl_lightning_mlflow"
     assert link.resolve() == (REPO / "custom" / "fl_lightning_mlflow").resolve()
+
+
+def test_the_algorithm_jobs_differ_from_fedavg_only_where_the_algorithm_does():
+    def configs(job):
+        return [
+            json.loads((REPO / "jobs" / job / "app/config" / f).read_text())
+            for f in ("config_fed_server.json", "config_fed_client.json")
+        ]
+
+    fedavg_server, fedavg_client = configs("hello-lightning-mlflow")
+    server, client = configs("hello-lightning-fedprox")
+    assert client["fedprox_mu"] == server["fedprox_mu"] > 0  # the sites' mu is what the parent run records
+    engine = next(c for c in client["components"] if c["id"] == "engine")
+    assert engine["args"].pop("fedprox_mu") == "{fedprox_mu}"
+    assert client.pop("fedprox_mu") and client == fedavg_client
+    tracker = next(c for c in server["components"] if c["id"] == "mlflow_tracker")["args"]
+    assert tracker["fl_params"]["algorithm"] == "FedProx" and tracker["fl_params"]["fedprox_mu"] == "{fedprox_mu}"
+    assert server["workflows"] == fedavg_server["workflows"]
+
+    server, client = configs("hello-lightning-scaffold")
+    assert client == fedavg_client  # SCAFFOLD is the server's choice: the task brings the controls
+    (workflow,) = [w for w in server["workflows"] if "ScatterAndGather" in w["path"]]
+    assert workflow["path"].endswith(".ScatterAndGatherScaffold")
+    aggregator = next(c for c in server["components"] if c["id"] == "aggregator")["args"]
+    assert aggregator["expected_data_kind"] == {"_model_weights_": "WEIGHT_DIFF", "scaffold_c_diff": "WEIGHT_DIFF"}
+    tracker = next(c for c in server["components"] if c["id"] == "mlflow_tracker")["args"]
+    assert tracker["fl_params"]["algorithm"] == "SCAFFOLD"
 
 
 def test_configure_job_sets_variables_on_a_copy(tmp_path):

@@ -14,6 +14,7 @@ VAR_REF = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # Arguments of FLARE's own classes whose ranges FLARE does not check itself.
 RANGES = {
     "ScatterAndGather": {"num_rounds": 1, "min_clients": 1, "train_timeout": 0, "start_round": 0},
+    "ScatterAndGatherScaffold": {"num_rounds": 1, "min_clients": 1, "train_timeout": 0, "start_round": 0},
     "MinClientsGuard": {"min_clients": 1, "train_timeout": 0},
     "CrossSiteModelEval": {"submit_model_timeout": 0, "validation_timeout": 0},
 }

@@ -14,6 +14,9 @@ Checks, in order:
     executor or training engine that takes them;
   - the model selector's key_metric is one the sites report (the reported_metrics of the
     site's executor or engine, else fl_lightning_mlflow.common.protocol.REPORTED_METRICS);
+  - the algorithm holds together: a ScatterAndGatherScaffold workflow's aggregator expects the
+    collection of weight and control differences and the sites' engines support SCAFFOLD; what
+    the tracker's fl_params record (algorithm, fedprox_mu) is what the sites and server run;
   - the tracking URI parses (sqlite:////abs.db, http://host:port, ...);
   - for each site (site-1 .. site-N): the data folder, the split and the data files read,
     with the right image shape and labels (--no-data skips this).
@@ -180,6 +183,8 @@ def _check_job(job: Path, sites: int | None, data_root: str | None, check_data: 
                 problems.append(f"{at}: min_clients is {args['min_clients']} but only {sites} site(s) run")
         if side == "client" and isinstance(args.get("data_root"), str):
             data_roots.add(args["data_root"])
+    for line in check_algorithm(built, server_path, job / CONFIGS["client"]):
+        problems.append(line)
     if problems or not check_data:
         return problems, f"{len(built)} components"
 
@@ -204,6 +209,53 @@ def _check_job(job: Path, sites: int | None, data_root: str | None, check_data: 
                 if not Path(root).is_dir():
                     break  # one line for a missing folder, not one per site
     return problems, f"{len(built)} components, data for {checked} site(s)"
+
+
+SCAFFOLD_WORKFLOWS = ("ScatterAndGatherScaffold",)
+# What ScatterAndGatherScaffold's aggregator must return: FLARE's AppConstants.MODEL_WEIGHTS and
+# AlgorithmConstants.SCAFFOLD_CTRL_DIFF (spelled out: the checker does not import FLARE).
+SCAFFOLD_COLLECTION = {"_model_weights_": "WEIGHT_DIFF", "scaffold_c_diff": "WEIGHT_DIFF"}
+
+
+def check_algorithm(built: dict, server_path: Path, client_path: Path) -> list:
+    """Problems with how the job's algorithm is put together (FedAvg, FedProx, SCAFFOLD)."""
+    problems = []
+    server = {cid: (obj, spec.get("args") or {}) for (side, cid), (obj, spec, _) in built.items() if side == "server"}
+    engines = [
+        obj for (side, _), (obj, _, _) in built.items() if side == "client" and hasattr(obj, "supports_scaffold")
+    ]
+    scaffold = [cid for cid, (obj, _) in server.items() if type(obj).__name__ in SCAFFOLD_WORKFLOWS]
+    for cid in scaffold:
+        aggregator_id = server[cid][1].get("aggregator_id", "aggregator")
+        if aggregator_id not in server:
+            problems.append(f"{server_path}: workflow {cid!r}: no aggregator component {aggregator_id!r}")
+            continue
+        kinds = server[aggregator_id][1].get("expected_data_kind")
+        if not isinstance(kinds, dict) or any(kinds.get(k) != v for k, v in SCAFFOLD_COLLECTION.items()):
+            problems.append(
+                f"{server_path}: component {aggregator_id!r}: SCAFFOLD (workflow {cid!r}) needs "
+                f"expected_data_kind {json.dumps(SCAFFOLD_COLLECTION)}, got {json.dumps(kinds)}"
+            )
+        for engine in engines:
+            if not engine.supports_scaffold:
+                problems.append(f"{client_path}: {type(engine).__name__} does not support SCAFFOLD (workflow {cid!r})")
+    site_mus = {float(obj.args.fedprox_mu) for obj in engines if hasattr(getattr(obj, "args", None), "fedprox_mu")}
+    for cid, (_, args) in server.items():
+        fl_params = args.get("fl_params")
+        if not isinstance(fl_params, dict):
+            continue
+        algorithm, mu = fl_params.get("algorithm"), fl_params.get("fedprox_mu")
+        at = f"{server_path}: component {cid!r}: fl_params"
+        if mu is not None and site_mus and site_mus != {mu if isinstance(mu, (int, float)) else None}:
+            sites = ", ".join(str(m) for m in sorted(site_mus))
+            problems.append(f"{at} record fedprox_mu {mu!r}, but the sites train with fedprox_mu {sites}")
+        if algorithm == "SCAFFOLD" and not scaffold:
+            problems.append(f"{at} record algorithm SCAFFOLD, but no workflow runs it ({SCAFFOLD_WORKFLOWS[0]})")
+        elif algorithm == "FedProx" and site_mus and not any(m > 0 for m in site_mus):
+            problems.append(f"{at} record algorithm FedProx, but the sites train with fedprox_mu 0 (FedAvg)")
+        elif algorithm is not None and algorithm != "SCAFFOLD" and scaffold:
+            problems.append(f"{at} record algorithm {algorithm!r}, but workflow {scaffold[0]!r} runs SCAFFOLD")
+    return problems
 
 
 def reported_metrics(site_objects) -> set:

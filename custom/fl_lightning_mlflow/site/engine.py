@@ -5,11 +5,12 @@ signals, events, files. An engine speaks training only, so it can be run and tes
 FLARE, and two engines (site.lightning_engine, site.pt_engine) are siblings behind one interface.
 
 The global model is handed to the engine explicitly (a state dict of numpy arrays or tensors)
-on every call, so a later engine option can keep it beside the local model: a proximal term
-(FedProx) or control variates (SCAFFOLD) need exactly that.
+on every call, so an engine can keep it beside the local model: FedProx's proximal term and
+SCAFFOLD's control variates (site.algorithms) need exactly that.
 """
 
 import json
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -63,6 +64,9 @@ class FitResult:
     samples: int  # training samples seen: FedAvg's weight (MetaKey.NUM_STEPS_CURRENT_ROUND)
     steps: int  # optimizer steps taken
     metrics: dict = field(default_factory=dict)  # the local model on the site's validation data
+    # SCAFFOLD only: the change of the site's control variates, c_i+ - c_i, {parameter name: numpy
+    # array}; returned beside the weight difference (AlgorithmConstants.SCAFFOLD_CTRL_DIFF).
+    control_diff: dict | None = None
 
 
 class SiteEngine(ABC):
@@ -72,6 +76,9 @@ class SiteEngine(ABC):
     to start from. Abort: a TaskAborted raised within about a batch of the signal firing.
     """
 
+    # Whether fit() takes global_controls (SCAFFOLD): the executor fails a SCAFFOLD task with one
+    # line for an engine that does not.
+    supports_scaffold: bool = False
     # The id of a FLARE log-writer component (e.g. MLflowWriter) the engine logs through; the
     # executor looks it up and hands it over as SiteContext.writer. None: the engine needs none.
     writer_id: str | None = None
@@ -84,8 +91,16 @@ class SiteEngine(ABC):
         """Read the site's data and build the model; a ValueError (SiteDataError) says what is wrong in one line."""
 
     @abstractmethod
-    def fit(self, global_weights: Weights, fl_round: int | None, abort_signal: AbortSignal | None) -> FitResult:
-        """Train from the given global weights; the local model is returned, not kept as the next start."""
+    def fit(
+        self,
+        global_weights: Weights,
+        fl_round: int | None,
+        abort_signal: AbortSignal | None,
+        global_controls: Weights | None = None,
+    ) -> FitResult:
+        """Train from the given global weights; the local model is returned, not kept as the next start.
+        global_controls: SCAFFOLD's global control variates, when the task brought them (then the
+        result's control_diff is set); None: no SCAFFOLD."""
 
     @abstractmethod
     def evaluate(
@@ -128,6 +143,7 @@ class TrainingArgs:
     accelerator: str
     num_workers: int
     seed: int
+    fedprox_mu: float = 0.0  # FedProx's proximal weight; 0: plain FedAvg local training
 
     def check(self, owner: str) -> None:
         """One ValueError line per bad value, prefixed with the class that took it (the job checker
@@ -143,6 +159,9 @@ class TrainingArgs:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{owner}: {name} must be a number >= 0, got {value!r}")
+        mu = self.fedprox_mu
+        if not isinstance(mu, (int, float)) or isinstance(mu, bool) or not math.isfinite(mu) or mu < 0:
+            raise ValueError(f"{owner}: fedprox_mu must be a number >= 0 (0: FedAvg), got {mu!r}")
         if not is_int(self.num_workers) or self.num_workers < 0:
             raise ValueError(f"{owner}: num_workers must be an integer >= 0, got {self.num_workers!r}")
         if not is_int(self.seed):
@@ -160,7 +179,9 @@ class TrainingArgs:
         return dict(lr=self.lr, optimizer=self.optimizer, momentum=self.momentum, weight_decay=self.weight_decay)
 
     def site_params(self, site: str, threads: int, train_samples: int, val_samples: int) -> dict:
-        """The run's params besides the optimizer's and batch_size (sent once, with the first round)."""
+        """The run's params besides the optimizer's and batch_size (sent once, with the first round);
+        fedprox_mu only when FedProx is on, so a FedAvg run's params are what they always were."""
+        algorithm = {"fedprox_mu": self.fedprox_mu} if self.fedprox_mu > 0 else {}
         return dict(
             **split_params(self.data_root),
             site=site,
@@ -170,6 +191,7 @@ class TrainingArgs:
             accelerator=self.accelerator,
             torch_threads=threads,
             seed=self.seed,
+            **algorithm,
         )
 
 

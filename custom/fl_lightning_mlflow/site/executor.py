@@ -4,6 +4,14 @@ Tasks (the names FLARE's ScatterAndGather and CrossSiteModelEval send; configura
   train         evaluate the received global weights on the site's validation data (returned
                 for server-side model selection), fit from them, and return the weight
                 difference weighted by the number of training samples seen.
+                SCAFFOLD: a train task that also brings global control variates, as FLARE's
+                ScatterAndGatherScaffold sends them (a DXO collection {MODEL_WEIGHTS,
+                SCAFFOLD_CTRL_GLOBAL}), is answered in kind: a collection {MODEL_WEIGHTS: the
+                weight difference, SCAFFOLD_CTRL_DIFF: the change of the site's controls}, each
+                a WEIGHT_DIFF, which InTimeAccumulateWeightedAggregator averages key by key. The
+                controls in the task DXO's meta (FLARE's FLModel-based Scaffold controller) are
+                answered in the result's meta. The meta this executor adds (below) is on the
+                outer DXO either way, where the model selector and the tracker read it.
   validate      evaluate the weights it is given on the site's validation data.
   submit_model  return the site's best local model so far.
 
@@ -38,7 +46,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 from nvflare.apis.utils.analytix_utils import create_analytic_dxo, send_analytic_dxo
-from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_common.app_constant import AlgorithmConstants, AppConstants
 
 from fl_lightning_mlflow.common.protocol import (
     ANALYTIC_EVENT_TYPE,
@@ -70,6 +78,51 @@ def flush_engine(engine: SiteEngine) -> None:
     logger = getattr(engine, "logger", None)
     if isinstance(logger, FlareLogger):
         logger.flush()
+
+
+def weights_of(dxo: DXO) -> dict:
+    if dxo.data_kind != DataKind.WEIGHTS:
+        raise ValueError(f"expected WEIGHTS, got {dxo.data_kind}")
+    return {k: np.asarray(v) for k, v in dxo.data.items()}
+
+
+class TrainTask:
+    """What a train task brings: the global weights and, for SCAFFOLD, the global controls,
+    in one of FLARE's two forms ("collection" or "meta", see the module's docstring)."""
+
+    def __init__(self, weights: dict, controls: dict | None = None, form: str | None = None):
+        self.weights, self.controls, self.form = weights, controls, form
+
+    @classmethod
+    def of(cls, dxo: DXO) -> "TrainTask":
+        if dxo.data_kind == DataKind.COLLECTION:  # ScatterAndGatherScaffold
+            parts = dxo.data if isinstance(dxo.data, dict) else {}
+            weights, controls = (
+                parts.get(AppConstants.MODEL_WEIGHTS),
+                parts.get(AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL),
+            )
+            if not isinstance(weights, DXO):
+                raise ValueError(f"a train task collection needs {AppConstants.MODEL_WEIGHTS!r}, got {sorted(parts)}")
+            if not isinstance(controls, DXO):
+                return cls(weights_of(weights))
+            return cls(weights_of(weights), dict(controls.data), "collection")
+        controls = dxo.get_meta_prop(AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL)
+        return cls(weights_of(dxo), dict(controls), "meta") if controls is not None else cls(weights_of(dxo))
+
+    def result(self, weight_diff: DXO, fit) -> DXO:
+        """The result DXO for this task's form, holding weight_diff (and the control difference)."""
+        if self.controls is None:
+            return weight_diff
+        if fit.control_diff is None:
+            raise ValueError("the engine returned no SCAFFOLD control difference for a SCAFFOLD task")
+        if self.form == "meta":
+            weight_diff.set_meta_prop(AlgorithmConstants.SCAFFOLD_CTRL_DIFF, fit.control_diff)
+            return weight_diff
+        controls = DXO(data_kind=DataKind.WEIGHT_DIFF, data=fit.control_diff)
+        for part in (weight_diff, controls):  # each part is weighted by the samples seen, as FedAvg's update
+            part.set_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND, fit.samples)
+        parts = {AppConstants.MODEL_WEIGHTS: weight_diff, AlgorithmConstants.SCAFFOLD_CTRL_DIFF: controls}
+        return DXO(data_kind=DataKind.COLLECTION, data=parts)
 
 
 class SiteExecutor(Executor):
@@ -215,16 +268,21 @@ class SiteExecutor(Executor):
 
     @staticmethod
     def _received_weights(shareable: Shareable) -> dict:
-        dxo = from_shareable(shareable)
-        if dxo.data_kind != DataKind.WEIGHTS:
-            raise ValueError(f"expected WEIGHTS, got {dxo.data_kind}")
-        return {k: np.asarray(v) for k, v in dxo.data.items()}
+        return weights_of(from_shareable(shareable))
 
     def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         fl_round = shareable.get_header(AppConstants.CURRENT_ROUND)
         task_started = time.monotonic()
         self.log_info(fl_ctx, f"round {fl_round}: training starts")
-        global_weights = self._received_weights(shareable)
+        task = TrainTask.of(from_shareable(shareable))
+        global_weights = task.weights
+        if task.controls is not None and not self.engine.supports_scaffold:
+            self.log_error(
+                fl_ctx,
+                f"round {fl_round}: the server runs SCAFFOLD, which {type(self.engine).__name__} does not support; "
+                "use LightningEngine or PTEngine, or a FedAvg workflow",
+            )
+            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
 
         # 1. The received global model on this site's validation data: selection on the server.
         results = self.engine.evaluate(global_weights, abort_signal, fl_round=fl_round, log_prefix=GLOBAL_PREFIX)
@@ -232,7 +290,10 @@ class SiteExecutor(Executor):
 
         # 2. Local training, from the global weights.
         started = time.monotonic()
-        fit = self.engine.fit(global_weights, fl_round, abort_signal)
+        if task.controls is None:
+            fit = self.engine.fit(global_weights, fl_round, abort_signal)
+        else:
+            fit = self.engine.fit(global_weights, fl_round, abort_signal, global_controls=task.controls)
         local_acc = fit.metrics.get("val_acc", -1.0)
         if local_acc > self.best_local_acc:
             self.best_local_acc = local_acc
@@ -249,7 +310,7 @@ class SiteExecutor(Executor):
         # 3. The update: weight difference, weighted by samples seen.
         # In the model's dtype, as the engine loaded them: the difference is what training changed.
         diff = {k: v - global_weights[k].astype(v.dtype, copy=False) for k, v in fit.weights.items()}
-        dxo = DXO(data_kind=DataKind.WEIGHT_DIFF, data=diff)
+        dxo = task.result(DXO(data_kind=DataKind.WEIGHT_DIFF, data=diff), fit)
         dxo.set_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND, fit.samples)
         dxo.set_meta_prop(MetaKey.INITIAL_METRICS, global_metrics)
         dxo.set_meta_prop(VAL_SAMPLES_META, self.engine.val_samples)  # weights the server's global average

@@ -3,11 +3,17 @@
 Every self.log(...) of the LightningModule goes to FlareLogger, which puts it on one step axis
 per site that never restarts and hands it to the executor's sender (one FLARE event about once
 a second). An abort signal stops the running Trainer at the next batch (AbortOnSignal).
+
+Algorithms (site.algorithms): fedprox_mu > 0 adds FedProx's proximal term in the LightningModule's
+training_step, against the task's global weights; a task that brings SCAFFOLD's global controls
+gets the control correction after every optimizer step (ScaffoldCorrection) and returns the
+change of the site's controls with the result.
 """
 
 import pytorch_lightning as pl
 import torch
 
+from fl_lightning_mlflow.site.algorithms import ScaffoldSite
 from fl_lightning_mlflow.site.data import SiteDataModule
 from fl_lightning_mlflow.site.engine import (
     AbortSignal,
@@ -38,11 +44,27 @@ class AbortOnSignal(pl.Callback):
     on_test_batch_start = _check
 
 
+class ScaffoldCorrection(pl.Callback):
+    """SCAFFOLD's correction w -= lr * (c - c_i) after each optimizer step (PTScaffoldHelper's
+    model_update, through site.algorithms.ScaffoldSite), on the LightningModule's network."""
+
+    def __init__(self, scaffold: ScaffoldSite):
+        self.scaffold = scaffold
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.scaffold.step_lr(optimizer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.scaffold.corrected(pl_module.net)
+
+
 def _no_send(kind, values, step, fl_round) -> None:
     pass
 
 
 class LightningEngine(SiteEngine):
+    supports_scaffold = True
+
     def __init__(
         self,
         data_root: str = "/tmp/nvflare/data/cifar10",
@@ -58,6 +80,7 @@ class LightningEngine(SiteEngine):
         accelerator: str = "auto",
         num_workers: int = 0,
         seed: int = 0,
+        fedprox_mu: float = 0.0,
     ):
         """Args are set in config_fed_client.json (the "engine" component).
 
@@ -67,6 +90,9 @@ class LightningEngine(SiteEngine):
             (FederatedMLflowTracker unpacks them); 0 = one event per log call, which FLARE's stock
             MLflowReceiver also understands.
         num_workers: DataLoader worker processes (0: load in the training process).
+        fedprox_mu: FedProx's proximal weight mu (loss + mu/2 * ||w - w_global||^2); 0 = FedAvg.
+        SCAFFOLD needs no argument: it runs when the server's workflow (ScatterAndGatherScaffold)
+        sends control variates with the task.
         """
         self.args = TrainingArgs(
             data_root=data_root,
@@ -81,6 +107,7 @@ class LightningEngine(SiteEngine):
             accelerator=accelerator,
             num_workers=num_workers,
             seed=seed,
+            fedprox_mu=fedprox_mu,
         )
         self.args.check(type(self).__name__)
         if not isinstance(metrics_flush_seconds, (int, float)) or isinstance(metrics_flush_seconds, bool):
@@ -93,6 +120,7 @@ class LightningEngine(SiteEngine):
         self.module = self.data = self.logger = None
         self.workdir = None
         self.site_params = {}
+        self.scaffold: ScaffoldSite | None = None  # built at the first SCAFFOLD task
 
     # ----- SiteEngine --------------------------------------------------------------------
     def setup(self, ctx: SiteContext) -> None:
@@ -102,7 +130,7 @@ class LightningEngine(SiteEngine):
         pl.seed_everything(a.seed, verbose=False)
         self.data = SiteDataModule(a.data_root, ctx.site, a.batch_size, a.num_workers)
         self.data.load()  # fail now, with one clear line, rather than mid-round
-        self.module = LitCifarNet(**a.optimizer_args())
+        self.module = LitCifarNet(**a.optimizer_args(), fedprox_mu=a.fedprox_mu)
         # Always built (it carries the step axis); attached to Trainers only when tracking.
         self.logger = FlareLogger(ctx.send or _no_send, site=ctx.site, flush_seconds=self.metrics_flush_seconds)
         self.workdir = ctx.workdir
@@ -144,13 +172,35 @@ class LightningEngine(SiteEngine):
             self.logger.key_prefix = ""
         return {k: float(v) for k, v in results.items()}
 
-    def fit(self, global_weights: Weights, fl_round: int | None, abort_signal: AbortSignal | None) -> FitResult:
+    def fit(
+        self,
+        global_weights: Weights,
+        fl_round: int | None,
+        abort_signal: AbortSignal | None,
+        global_controls: Weights | None = None,
+    ) -> FitResult:
         a = self.args
         load_weights(self.module.net, global_weights)
         if a.tracking:
             self._start_round(fl_round)
-        trainer = self._trainer(abort_signal, max_epochs=a.local_epochs, logged=a.tracking)
-        trainer.fit(self.module, datamodule=self.data)
+        callbacks = []
+        if global_controls is not None:
+            if self.scaffold is None:
+                self.scaffold = ScaffoldSite(self.workdir)
+            self.scaffold.start(self.module.net, global_controls)
+            callbacks.append(ScaffoldCorrection(self.scaffold))
+        if a.fedprox_mu > 0:
+            self.module.set_global_weights(global_weights)
+        trainer = self._trainer(abort_signal, max_epochs=a.local_epochs, logged=a.tracking, extra=callbacks)
+        try:
+            trainer.fit(self.module, datamodule=self.data)
+        except BaseException:
+            if self.scaffold is not None:
+                self.scaffold.abort()
+            raise
+        finally:
+            self.module.set_global_weights(None)
+        control_diff = self.scaffold.finish(self.module.net) if global_controls is not None else None
         steps = trainer.global_step  # a fresh Trainer starts at 0
         self.logger.advance(steps, a.local_epochs)
         local = {
@@ -161,6 +211,7 @@ class LightningEngine(SiteEngine):
             samples=self.train_samples * a.local_epochs,
             steps=steps,
             metrics=local,
+            control_diff=control_diff,
         )
 
     # ----- helpers -----------------------------------------------------------------------
@@ -169,13 +220,15 @@ class LightningEngine(SiteEngine):
         self.logger.round = fl_round
         self.logger.log_hyperparams(self.site_params)
 
-    def _trainer(self, abort_signal: AbortSignal | None, max_epochs: int = 1, logged: bool = True) -> pl.Trainer:
+    def _trainer(
+        self, abort_signal: AbortSignal | None, max_epochs: int = 1, logged: bool = True, extra: list = ()
+    ) -> pl.Trainer:
         return pl.Trainer(
             max_epochs=max_epochs,
             accelerator=self.args.accelerator,
             devices=1,
             logger=self.logger if logged else False,
-            callbacks=[AbortOnSignal(abort_signal)],
+            callbacks=[AbortOnSignal(abort_signal), *extra],
             log_every_n_steps=self.args.log_every_n_steps,
             num_sanity_val_steps=0,
             enable_checkpointing=False,

@@ -9,6 +9,10 @@ API will do, which is how the tests run this engine without FLARE.
 
 Its own step counter gives MLflow one axis per site that carries on across rounds (MLflowWriter
 has no notion of a round).
+
+Algorithms (site.algorithms), as in the Lightning engine: fedprox_mu > 0 adds FedProx's proximal
+term to the loss (logged as train_prox_loss); a task that brings SCAFFOLD's global controls gets
+the control correction after every optimizer step and returns the change of the site's controls.
 """
 
 import random
@@ -18,6 +22,7 @@ import torch
 from torch.nn import functional as F
 
 from fl_lightning_mlflow.common.network import CifarNet
+from fl_lightning_mlflow.site.algorithms import ScaffoldSite, frozen_parameters, proximal_term
 from fl_lightning_mlflow.site.data import SiteDataModule
 from fl_lightning_mlflow.site.engine import (
     AbortSignal,
@@ -41,6 +46,8 @@ def seed_everything(seed: int) -> None:
 
 
 class PTEngine(SiteEngine):
+    supports_scaffold = True
+
     def __init__(
         self,
         data_root: str = "/tmp/nvflare/data/cifar10",
@@ -56,6 +63,7 @@ class PTEngine(SiteEngine):
         num_workers: int = 0,
         seed: int = 0,
         mlflow_writer_id: str = "mlflow_writer",
+        fedprox_mu: float = 0.0,
     ):
         """Args are set in config_fed_client.json (the "engine" component); as LightningEngine's, plus
         mlflow_writer_id: the client component id of the MLflowWriter (needed when tracking)."""
@@ -72,6 +80,7 @@ class PTEngine(SiteEngine):
             accelerator=accelerator,
             num_workers=num_workers,
             seed=seed,
+            fedprox_mu=fedprox_mu,
         )
         self.args.check(type(self).__name__)
         if not isinstance(mlflow_writer_id, str) or not mlflow_writer_id:
@@ -87,6 +96,8 @@ class PTEngine(SiteEngine):
         self.points_sent = 0
         self.site_params = {}
         self._params_sent = False
+        self.workdir = None
+        self.scaffold: ScaffoldSite | None = None  # built at the first SCAFFOLD task
 
     # ----- SiteEngine --------------------------------------------------------------------
     def setup(self, ctx: SiteContext) -> None:
@@ -94,6 +105,7 @@ class PTEngine(SiteEngine):
         if a.tracking and ctx.writer is None:
             raise ValueError(f"{type(self).__name__}: no log writer (component {self.writer_id!r}, an MLflowWriter)")
         self.writer = ctx.writer
+        self.workdir = ctx.workdir
         torch.set_num_threads(ctx.threads)
         seed_everything(a.seed)  # before the network is built: the same seed gives the same run
         self.data = SiteDataModule(a.data_root, ctx.site, a.batch_size, a.num_workers)
@@ -129,35 +141,65 @@ class PTEngine(SiteEngine):
             self._log({f"{log_prefix}{k}": v for k, v in metrics.items()}, step=self.step)
         return metrics
 
-    def fit(self, global_weights: Weights, fl_round: int | None, abort_signal: AbortSignal | None) -> FitResult:
+    def fit(
+        self,
+        global_weights: Weights,
+        fl_round: int | None,
+        abort_signal: AbortSignal | None,
+        global_controls: Weights | None = None,
+    ) -> FitResult:
         a = self.args
         load_weights(self.net, global_weights)
         self._send_params()
         optimizer = make_optimizer(self.net.parameters(), **a.optimizer_args())
+        scaffold = None
+        if global_controls is not None:
+            if self.scaffold is None:
+                self.scaffold = ScaffoldSite(self.workdir)
+            scaffold = self.scaffold
+            scaffold.start(self.net, global_controls)
+        prox_to = frozen_parameters(self.net, global_weights) if a.fedprox_mu > 0 else None
         first = self.step
         local = {}
-        for _ in range(a.local_epochs):
-            self.net.train()
-            for i, (x, y) in enumerate(self._batches(self.data.train_dataloader(), abort_signal)):
-                optimizer.zero_grad()
-                logits = self.net(x)
-                loss = F.cross_entropy(logits, y)
-                loss.backward()
-                optimizer.step()
-                if (i + 1) % a.log_every_n_steps == 0:
-                    acc = float((logits.argmax(dim=1) == y).float().mean())
-                    self._log({"train_loss": loss.item(), "train_acc": acc}, step=self.step)
-                self.step += 1
-            local = self._evaluate(abort_signal)
-            # The call FLARE's MLflowWriter offers, as in mlflow: one metric, explicit step.
-            self._log_one("local_accuracy", local["val_acc"], step=self.step - 1)
-            self._log_one("local_val_loss", local["val_loss"], step=self.step - 1)
+        try:
+            for _ in range(a.local_epochs):
+                self.net.train()
+                for i, (x, y) in enumerate(self._batches(self.data.train_dataloader(), abort_signal)):
+                    optimizer.zero_grad()
+                    logits = self.net(x)
+                    loss = F.cross_entropy(logits, y)
+                    prox = None
+                    if prox_to is not None:  # FedProx
+                        prox = proximal_term(self.net.named_parameters(), prox_to, a.fedprox_mu)
+                    (loss if prox is None else loss + prox).backward()
+                    if scaffold is not None:
+                        scaffold.step_lr(optimizer)
+                    optimizer.step()
+                    if scaffold is not None:
+                        scaffold.corrected(self.net)
+                    if (i + 1) % a.log_every_n_steps == 0:
+                        acc = float((logits.argmax(dim=1) == y).float().mean())
+                        logged = {"train_loss": loss.item(), "train_acc": acc}
+                        if prox is not None:
+                            logged["train_prox_loss"] = prox.item()
+                        self._log(logged, step=self.step)
+                    self.step += 1
+                local = self._evaluate(abort_signal)
+                # The call FLARE's MLflowWriter offers, as in mlflow: one metric, explicit step.
+                self._log_one("local_accuracy", local["val_acc"], step=self.step - 1)
+                self._log_one("local_val_loss", local["val_loss"], step=self.step - 1)
+        except BaseException:
+            if scaffold is not None:
+                scaffold.abort()
+            raise
+        control_diff = scaffold.finish(self.net) if scaffold is not None else None
         self.epochs += a.local_epochs
         return FitResult(
             weights=numpy_weights(self.net),
             samples=self.train_samples * a.local_epochs,
             steps=self.step - first,
             metrics=local,
+            control_diff=control_diff,
         )
 
     # ----- helpers -----------------------------------------------------------------------
