@@ -11,11 +11,11 @@ from fl_lightning_mlflow.common.protocol import GLOBAL_PREFIX
 from flctl.configure import JobConfigError, configure_job
 
 CONFIGS = [JOB / "meta.json", JOB / "app/config/config_fed_server.json", JOB / "app/config/config_fed_client.json"]
-PT_JOB = REPO / "jobs" / "hello-pt-mlflow"
-ALL_CONFIGS = CONFIGS + [
-    PT_JOB / "meta.json",
-    PT_JOB / "app/config/config_fed_server.json",
-    PT_JOB / "app/config/config_fed_client.json",
+JOBS = sorted(p.name for p in (REPO / "jobs").iterdir() if (p / "meta.json").is_file())  # every shipped job
+ALL_CONFIGS = [
+    REPO / "jobs" / job / name
+    for job in JOBS
+    for name in ("meta.json", "app/config/config_fed_server.json", "app/config/config_fed_client.json")
 ]
 
 
@@ -55,7 +55,7 @@ def test_key_metric_is_one_the_sites_report():
     assert server["key_metric"] == f"{GLOBAL_PREFIX}val_acc"
 
 
-@pytest.mark.parametrize("job", ["hello-lightning-mlflow", "hello-pt-mlflow"])
+@pytest.mark.parametrize("job", JOBS)
 def test_the_job_carries_the_package_as_one_link_to_custom(job):
     # One source of truth: app/custom holds a relative link to the package, nothing else; the
     # command-line package (flctl: data preparation, checks) is not shipped to the sites.
