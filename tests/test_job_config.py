@@ -11,7 +11,7 @@ from fl_lightning_mlflow.common.protocol import GLOBAL_PREFIX
 from flctl.configure import JobConfigError, configure_job
 
 CONFIGS = [JOB / "meta.json", JOB / "app/config/config_fed_server.json", JOB / "app/config/config_fed_client.json"]
-# Every job folder under jobs/: FedAvg (Lightning, plain PyTorch), FedProx, SCAFFOLD.
+# Every job folder under jobs/: FedAvg (Lightning, plain PyTorch), FedProx, SCAFFOLD, FedOpt.
 JOBS = sorted(p.name for p in (REPO / "jobs").iterdir() if (p / "meta.json").is_file())
 ALL_CONFIGS = [
     REPO / "jobs" / job / rel
@@ -58,6 +58,7 @@ def test_key_metric_is_one_the_sites_report():
 
 def test_every_job_is_there():
     expected = {"hello-lightning-mlflow", "hello-pt-mlflow", "hello-lightning-fedprox", "hello-lightning-scaffold"}
+    expected.add("hello-lightning-fedopt")
     assert expected <= set(JOBS)
     for job in JOBS:  # each its own job name and MLflow experiment
         assert json.loads((REPO / "jobs" / job / "meta.json").read_text())["name"] == job

@@ -92,7 +92,9 @@ def build(spec: dict, raw: dict, where: str, path, problems: Problems):
         return None
     built = {}
     for name, value in args.items():  # nested components, e.g. the persistor's model
-        if isinstance(value, dict) and "path" in value:
+        # FLARE builds a nested {"path": ...} too, unless it says "config_type": "dict" (passed as is,
+        # e.g. FedOpt's optimizer_args, built later by the component with its own arguments).
+        if isinstance(value, dict) and "path" in value and value.get("config_type", "component") == "component":
             built[name] = build(value, raw_args.get(name) or {}, f"{where}.args.{name}", path, problems)
             if built[name] is None:
                 return None
