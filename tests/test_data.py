@@ -1,6 +1,8 @@
-"""The per-site split, the offline dataset and the errors bad data gets."""
+"""The per-site split, the offline dataset (and its difficulty knob) and the errors bad data gets."""
 
+import hashlib
 import json
+import math
 import pickle
 
 import numpy as np
@@ -15,7 +17,9 @@ from fl_lightning_mlflow.site.data import (
     read_train_set,
     split_path,
 )
+from flctl import data_prep
 from flctl.data_prep import dirichlet_split, iid_split, label_skew, write_splits
+from flctl.errors import CliError
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +89,95 @@ def test_site_datamodule_reads_only_its_own_share(offline_data):
     assert len(dm.train_set) == len(split["train"]) and len(dm.val_set) == len(split["val"])
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (64, 3, 32, 32) and y.shape == (64,)
+
+
+# ----- the offline set's difficulty ------------------------------------------------------
+OFFLINE_FILES = [f"cifar-10-batches-py/{name}" for name in (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch")]
+OFFLINE_FILES += ["cifar-10-batches-py/batches.meta", "OFFLINE_SYNTHETIC_DATA"]
+SMALL = (300, 60)  # train, test sizes that generate in well under a second
+
+
+def offline_digest(root) -> str:
+    """sha256 over the bytes of the offline set's files (not offline_info.json, which is new)."""
+    digest = hashlib.sha256()
+    for name in OFFLINE_FILES:
+        digest.update((root / name).read_bytes())
+    return digest.hexdigest()
+
+
+def test_difficulty_zero_is_byte_for_byte_the_set_from_before_the_knob(offline_data, tmp_path):
+    # Digests of generate_offline's output before the difficulty knob existed (seed 1234): the
+    # easy set, its tests and figures stay exactly as they were. offline_data has the default sizes.
+    assert offline_digest(offline_data) == "69539d2ec24a94f1863e829fa1fd2325c6e04cda13680e261d9feabadf016b0d"
+    data_prep.generate_offline(tmp_path, *SMALL, seed=1234, difficulty=0)
+    assert offline_digest(tmp_path) == "c63db5864bd3a249181c92305d053ec7fb030dbb71e3ae12c6fdb0b79494aae9"
+    assert json.loads((tmp_path / data_prep.OFFLINE_INFO).read_text())["difficulty"] == 0
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.01, "2", "hard", "", None, math.nan, math.inf, True])
+def test_a_difficulty_outside_zero_to_one_is_refused(bad, tmp_path):
+    with pytest.raises(ValueError, match=r"difficulty must be a number in \[0, 1\]"):
+        data_prep.generate_offline(tmp_path, *SMALL, difficulty=bad)
+    assert not (tmp_path / "cifar-10-batches-py").exists()
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["--offline", "--difficulty", "1.5"], 2, "argument --difficulty: must be a number in [0, 1], got '1.5'"),
+        (["--offline", "--difficulty", "hard"], 2, "argument --difficulty: must be a number in [0, 1], got 'hard'"),
+        (["--difficulty", "0.5"], 1, "--difficulty applies to the offline dataset only (add --offline)"),
+    ],
+)
+def test_prepare_data_refuses_a_bad_difficulty_in_one_line(args, code, message, tmp_path, capsys):
+    try:
+        rc = data_prep.main(["--data-root", str(tmp_path / "d"), *args])
+    except SystemExit as e:  # argparse's errors
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == code and err.startswith("flctl prepare-data: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_harder_set_is_deterministic_per_seed_and_differs_from_the_easy_one(tmp_path):
+    digests = {}
+    for name, seed, difficulty in [("a", 5, 0.5), ("b", 5, 0.5), ("c", 6, 0.5), ("d", 5, 0.8), ("e", 5, 0.0)]:
+        data_prep.generate_offline(tmp_path / name, *SMALL, seed=seed, difficulty=difficulty)
+        digests[name] = offline_digest(tmp_path / name)
+    assert digests["a"] == digests["b"]
+    assert len({digests[k] for k in "acde"}) == 4
+    info = json.loads((tmp_path / "a" / data_prep.OFFLINE_INFO).read_text())
+    assert info == {"difficulty": 0.5, "seed": 5, "train_size": SMALL[0], "test_size": SMALL[1]}
+    assert data_prep.offline_difficulty(tmp_path / "a") == 0.5
+    images, labels = read_train_set(tmp_path / "a")
+    assert images.shape == (SMALL[0], 3, 32, 32) and set(labels.tolist()) == set(range(NUM_CLASSES))
+    assert read_test_set(tmp_path / "a")[0].shape == (SMALL[1], 3, 32, 32)
+
+
+def test_prepare_regenerates_the_offline_set_only_when_the_difficulty_changes(tmp_path):
+    root, said = tmp_path / "offline", []
+
+    def prepare(difficulty, sites=2):
+        said.clear()
+        data_prep.prepare(root, sites, offline=True, offline_sizes=SMALL, say=said.append, difficulty=difficulty)
+        return offline_digest(root), any(line.startswith("generating") for line in said)
+
+    easy, generated = prepare(None)  # a new set: difficulty 0
+    assert generated and data_prep.offline_difficulty(root) == 0
+    assert prepare(0) == (easy, False)
+    hard, generated = prepare(data_prep.HARD_DIFFICULTY)
+    assert generated and hard != easy and "replacing the set of difficulty 0.0" in said[0]
+    assert data_prep.offline_difficulty(root) == data_prep.HARD_DIFFICULTY
+    assert prepare(None, sites=3) == (hard, False)  # no difficulty given: the set on disk is kept
+    assert json.loads((root / "splits" / "split_info.json").read_text())["sites"] == 3
+    assert prepare(data_prep.HARD_DIFFICULTY) == (hard, False)
+    assert prepare(0) == (easy, True)
+    (root / data_prep.OFFLINE_INFO).unlink()  # a set made before the knob: difficulty 0
+    assert data_prep.offline_difficulty(root) == 0 and prepare(0) == (easy, False)
+    (root / data_prep.OFFLINE_INFO).write_text("{not json")  # unknown: a given difficulty regenerates
+    assert prepare(0) == (easy, True)
+    with pytest.raises(CliError, match="difficulty must be a number"):
+        data_prep.prepare(root, 2, offline=True, offline_sizes=SMALL, say=said.append, difficulty=3)
 
 
 # ----- bad data: one clear line naming the site and the path ----------------------------
