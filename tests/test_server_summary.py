@@ -25,6 +25,9 @@ def test_round_points_are_the_step_weighted_mean_each_site_and_the_count():
     assert points["global_val_loss"] == pytest.approx((2.0 * 300 + 1.0 * 100) / 400)
     assert points[f"{KEY}/site-1"] == 0.9 and points[f"{KEY}/site-2"] == 0.5
     assert points["contributing_sites"] == 2.0
+    # Fairness beside the mean: the worst site (lowest accuracy, highest loss) and the spread.
+    assert points[f"{KEY}/worst_site"] == 0.5 and points[f"{KEY}/spread"] == pytest.approx(0.4)
+    assert points["global_val_loss/worst_site"] == 2.0 and points["global_val_loss/spread"] == 1.0
     names = [name for name, _ in summary.close_round(1)]
     assert names == ["contributing_sites"]  # an empty round still says how many sites took part
 
@@ -46,6 +49,8 @@ def test_values_the_selector_skips_are_left_out_of_the_mean_but_shown_per_site()
     assert dict(points)[KEY] == 0.4
     assert math.isnan(dict(points)[f"{KEY}/site-2"])
     assert f"{KEY}/site-3" not in dict(points) and dict(points)["contributing_sites"] == 4.0
+    # Fairness over the finite numbers only: a NaN site neither is the worst nor widens the spread.
+    assert dict(points)[f"{KEY}/worst_site"] == 0.4 and dict(points)[f"{KEY}/spread"] == pytest.approx(0.5)
 
 
 def test_an_update_for_another_round_is_discarded_as_the_aggregator_does():
@@ -54,7 +59,13 @@ def test_an_update_for_another_round_is_discarded_as_the_aggregator_does():
     summary.close_round(0)
     assert not summary.add_contribution("site-2", 0, {KEY: 0.1}, current_round=1)  # late
     summary.add_contribution("site-1", 1, {KEY: 0.7}, current_round=1)
-    assert dict(summary.close_round(1)) == {KEY: 0.7, f"{KEY}/site-1": 0.7, "contributing_sites": 1.0}
+    assert dict(summary.close_round(1)) == {
+        KEY: 0.7,
+        f"{KEY}/site-1": 0.7,
+        f"{KEY}/worst_site": 0.7,
+        f"{KEY}/spread": 0.0,
+        "contributing_sites": 1.0,
+    }
     status, failure, sites = summary.outcome(["site-1", "site-2"])
     assert (status, failure) == (FINISHED, None)
     assert sites == {"site-1": FINISHED, "site-2": FAILED}  # site-2 missed the last round: dropped out

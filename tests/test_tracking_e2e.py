@@ -40,6 +40,13 @@ def test_parent_run_holds_one_global_point_per_round_with_each_site_beside_it(fi
         )
         # equal validation sets here, so the sample-weighted mean is the plain mean
         assert mean == pytest.approx(sum(per_site.values()) / SITES)
+        # fairness beside it: the worst site and the spread, from the same per-site values
+        fairness = {
+            name: next(m.value for m in client.get_metric_history(parent.info.run_id, name) if m.step == fl_round)
+            for name in ("global_val_acc/worst_site", "global_val_acc/spread")
+        }
+        assert fairness["global_val_acc/worst_site"] == pytest.approx(min(per_site.values()))
+        assert fairness["global_val_acc/spread"] == pytest.approx(max(per_site.values()) - min(per_site.values()))
     assert {m.value for m in client.get_metric_history(parent.info.run_id, "contributing_sites")} == {SITES}
 
 

@@ -15,6 +15,12 @@ import math
 
 FINISHED, FAILED = "FINISHED", "FAILED"
 CONTRIBUTING_SITES = "contributing_sites"
+WORST_SITE, SPREAD = "worst_site", "spread"  # fairness beside the mean: name/worst_site, name/spread
+
+
+def lower_is_better(key: str) -> bool:
+    """A loss or an error rate: its worst site is the highest value."""
+    return any(word in key.lower() for word in ("loss", "error", "err_"))
 
 
 def _number(value) -> bool:
@@ -60,7 +66,9 @@ class FederationSummary:
 
     def close_round(self, fl_round) -> list:
         """The round's points [(name, value)]: per metric the weighted mean, then each site's
-        value as name/site; last, how many sites contributed."""
+        value as name/site, then fairness: name/worst_site (the lowest value, the highest for
+        a loss or error) and name/spread (highest minus lowest, over finite values); last, how
+        many sites contributed."""
         if fl_round is None:
             return []
         self.rounds_done += 1
@@ -70,9 +78,15 @@ class FederationSummary:
             mean = self._weighted_mean(key, contributions)
             if mean is not None:
                 points.append((key, mean))
+            values = []
             for site, (metrics, _) in sorted(contributions.items()):
                 if _number(metrics.get(key)):
                     points.append((f"{key}/{site}", float(metrics[key])))
+                    if math.isfinite(metrics[key]):
+                        values.append(float(metrics[key]))
+            if values:
+                worst = max(values) if lower_is_better(key) else min(values)
+                points += [(f"{key}/{WORST_SITE}", worst), (f"{key}/{SPREAD}", max(values) - min(values))]
         points.append((CONTRIBUTING_SITES, float(len(contributions))))
         return points
 
