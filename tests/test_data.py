@@ -3,12 +3,16 @@
 import hashlib
 import json
 import math
+import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from fl_lightning_mlflow.site.data import (
+    BATCHES_DIR,
     NUM_CLASSES,
     SiteDataError,
     SiteDataModule,
@@ -238,3 +242,43 @@ def test_split_indices_out_of_range(offline_data, tmp_path):
     root = copy_data(offline_data, tmp_path / "d")
     split_path(root, "site-1").write_text(json.dumps({"train": [0, 99999], "val": []}))
     expect_error(root, "site-1", "train indices outside", split_path(root, "site-1"))
+
+
+def own_cifar_copy(tmp_path, n_train=500, n_test=100):
+    """CIFAR-10's python batches that read correctly but are not torchvision's files (the user's
+    own copy): the offline generator's output without its offline marker."""
+    root = tmp_path / "my-cifar"
+    data_prep.generate_offline(root, n_train, n_test)
+    for name in (data_prep.OFFLINE_MARKER, data_prep.OFFLINE_INFO):
+        (root / name).unlink(missing_ok=True)
+    return root
+
+
+# Any download attempt goes to a proxy on a closed loopback port: refused at once, never the network.
+NO_INTERNET = {"HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "NO_PROXY": ""}
+
+
+def test_a_folder_of_readable_cifar_batches_is_used_as_it_is(tmp_path, monkeypatch):
+    for key, value in NO_INTERNET.items():
+        monkeypatch.setenv(key, value)
+    root = own_cifar_copy(tmp_path)
+    said = []
+    info = data_prep.prepare(root, sites=2, say=said.append)
+    assert said[0] == f"data: using the CIFAR-10 batches in {root / BATCHES_DIR} as they are"
+    assert sum(c["train"] + c["val"] for c in info["counts"].values()) == 500
+
+
+def test_without_internet_the_download_fails_in_one_line_that_offers_the_ways_out(tmp_path):
+    env = {**os.environ, **NO_INTERNET}
+    result = subprocess.run(
+        [sys.executable, "-m", "flctl", "prepare-data", "--data-root", str(tmp_path / "cifar")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr[-2000:]  # no traceback
+    assert lines[0].startswith("flctl prepare-data: CIFAR-10 could not be downloaded (")
+    assert "use --offline (a generated stand-in), or --data-root DIR with CIFAR-10's python batches" in lines[0]

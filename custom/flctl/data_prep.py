@@ -265,11 +265,37 @@ def _write_batch(path: Path, data, labels, batch_label: str) -> None:
 
 
 def download_cifar10(data_root) -> None:
-    """Fetch CIFAR-10 once with torchvision (it checks MD5 sums and skips a complete download)."""
+    """Fetch CIFAR-10 once with torchvision (it checks MD5 sums and skips a complete download);
+    CliError, one line, when it cannot (no internet, a proxy refusing, a broken download)."""
     import torchvision
 
-    torchvision.datasets.CIFAR10(root=str(data_root), train=True, download=True)
-    torchvision.datasets.CIFAR10(root=str(data_root), train=False, download=True)
+    site = _site_data()
+    try:
+        torchvision.datasets.CIFAR10(root=str(data_root), train=True, download=True)
+        torchvision.datasets.CIFAR10(root=str(data_root), train=False, download=True)
+    except (OSError, RuntimeError) as e:  # urllib's URLError is an OSError; a bad checksum a RuntimeError
+        why = getattr(e, "reason", None) or e
+        raise CliError(
+            f"CIFAR-10 could not be downloaded ({type(e).__name__}: {str(why)[:200]}); without internet, use "
+            f"--offline (a generated stand-in), or --data-root DIR with CIFAR-10's python batches in "
+            f"DIR/{site.BATCHES_DIR} ({', '.join(site.TRAIN_BATCHES[:1])}..5, {site.TEST_BATCH})"
+        ) from None
+
+
+def readable_batches(data_root) -> bool:
+    """Whether data_root holds CIFAR-10's python batches (all five and the test batch) that read
+    correctly as CIFAR-10 images: the user's own copy is then used as it is, without download or
+    checksum (torchvision would download over files that are not byte-identical to its own)."""
+    site = _site_data()
+    folder = site.batches_dir(data_root)
+    if not all((folder / name).is_file() for name in (*site.TRAIN_BATCHES, site.TEST_BATCH)):
+        return False
+    try:
+        site.read_train_set(data_root)
+        site.read_test_set(data_root)
+    except (site.SiteDataError, ValueError, OSError):
+        return False
+    return True
 
 
 def split_matches(data_root, sites: int, alpha=None, seed: int | None = 0) -> bool:
@@ -320,7 +346,10 @@ def prepare(
         else:
             if is_offline:
                 raise CliError(f"{root} holds the offline dataset; choose another --data-root for CIFAR-10")
-            download_cifar10(root)
+            if readable_batches(root):
+                say(f"data: using the CIFAR-10 batches in {site.batches_dir(root)} as they are")
+            else:
+                download_cifar10(root)
         _, labels = site.read_train_set(root)
         info = write_splits(root, labels, sites, alpha, seed, val_fraction)
     except (ValueError, site.SiteDataError) as e:
