@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from flctl.simulate import SimulatorTimeout, run_logged
+from flctl.simulate import RoundProgress, SimulatorTimeout, run_logged
 
 # A leader that starts a child in its group, prints the child's PID, then does what it is told.
 SCRIPT = """
@@ -54,3 +54,24 @@ def test_a_normal_exit_returns_the_output_and_ends_what_it_left_running(tmp_path
     assert not alive(child_pid(result.stdout))
     assert os.getpgid(0) != 0  # the runner's own group is untouched
     assert "exited 0; ended what it left running" in result.stdout
+
+
+def test_simulate_shows_round_by_round_progress_with_a_remaining_estimate():
+    now = [100.0]
+    progress = RoundProgress(4, clock=lambda: now[0])
+    now[0] = 130.0
+    assert progress("site-1 - round 0: training starts") == "site-1 - round 0: training starts"
+    now[0] = 150.0
+    shown = progress("ScatterAndGather - aggregating 2 update(s) at round 0")
+    assert shown.splitlines() == [
+        "ScatterAndGather - aggregating 2 update(s) at round 0",
+        "flctl: round 1 of 4 done; 50 s elapsed, about 60 s of rounds left",  # 20 s a round, 3 to go
+    ]
+    assert progress("ScatterAndGather - aggregating 2 update(s) at round 0") == (
+        "ScatterAndGather - aggregating 2 update(s) at round 0"  # FLARE's second logger: counted once
+    )
+    now[0] = 160.0
+    assert progress("aggregating 2 update(s) at round 1").endswith(
+        "round 2 of 4 done; 60 s elapsed, about 30 s of rounds left"
+    )
+    assert progress("some other line") is None

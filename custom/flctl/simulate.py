@@ -48,6 +48,34 @@ class Simulation:
 LINGER = 5.0  # seconds to read what is left once the command itself has exited
 
 
+class RoundProgress:
+    """What flctl simulate shows while the simulator runs: the lines PROGRESS matches and, once a
+    round is aggregated, `round i of R done; E s elapsed, about T s of rounds left` (T: the mean
+    round so far, times the rounds to go; cross-site evaluation and shutdown follow the last)."""
+
+    AGGREGATING = re.compile(r"aggregating \d+ update\(s\) at round (\d+)")
+
+    def __init__(self, rounds: int, pattern=PROGRESS, clock=time.monotonic):
+        self.rounds, self.pattern, self.clock = rounds, pattern, clock
+        self.started, self.first_round_at, self.done = clock(), None, set()
+
+    def __call__(self, line: str) -> str | None:
+        out = [line.rstrip()[:300]] if self.pattern.search(line) else []
+        if self.first_round_at is None and "training starts" in line:
+            self.first_round_at = self.clock()
+        aggregated = self.AGGREGATING.search(line)
+        if aggregated and int(aggregated.group(1)) not in self.done:  # FLARE logs it once per logger
+            self.done.add(int(aggregated.group(1)))
+            now, n = self.clock(), len(self.done)
+            per_round = (now - (self.first_round_at or self.started)) / n
+            left = per_round * max(0, self.rounds - n)
+            out.append(
+                f"flctl: round {n} of {self.rounds} done; {now - self.started:.0f} s elapsed, "
+                f"about {left:.0f} s of rounds left"
+            )
+        return "\n".join(out) or None
+
+
 class SimulatorTimeout(RuntimeError):
     """The simulator ran past its time limit (it was ended with everything it started)."""
 
@@ -103,8 +131,9 @@ def run_logged(cmd, env=None, log_path=None, show=None, timeout=None) -> subproc
             out.append(line)
             if log:
                 log.write(line)
-            if show and show.search(line):
-                print(line.rstrip()[:300], flush=True)
+            text = show(line) if callable(show) else (line.rstrip()[:300] if show and show.search(line) else None)
+            if text:
+                print(text, flush=True)
         proc.wait()
     finally:
         if log:
@@ -203,6 +232,8 @@ def simulate(
     log_path = run_dir / "simulator.log"
     say(f"running: nvflare simulator {job_copy} -n {sites} -t {threads or sites} -w {sim_ws}")
     say(f"(log: {log_path})")
+    if show is PROGRESS:
+        show = RoundProgress(rounds)
     result = nvflare_simulator(job_copy, sim_ws, sites, threads, gpu, log_path, show, env, timeout)
     run = Simulation(run_dir, job_copy, sim_ws / "server" / "simulate_job", result.returncode, result.stdout)
     if result.returncode != 0:
