@@ -68,6 +68,7 @@ def one_problem(job, sites=2, data_root=None) -> str:
     return problems[0]
 
 
+@pytest.mark.slow  # every job's components built in a fresh process: about 18 s
 def test_the_shipped_jobs_pass(offline_data):
     # In a fresh process, as a user runs `flctl check`; every job in one, to pay for the imports once.
     jobs = sorted(str(p) for p in (REPO / "jobs").iterdir() if (p / "meta.json").is_file())

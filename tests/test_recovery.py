@@ -143,6 +143,7 @@ def test_a_journal_that_cannot_be_recovered_as_it_is_says_why_in_one_line(tmp_pa
     assert len(results) == 1 and "RecoveryError" in results[0][1]
 
 
+@pytest.mark.slow  # waits out retries against a closed port
 def test_a_recovery_that_cannot_reach_mlflow_counts_what_is_left_and_a_later_one_finishes(
     tmp_path, monkeypatch, empty_store
 ):

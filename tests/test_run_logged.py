@@ -48,7 +48,7 @@ def test_a_silent_hang_ends_at_the_limit_with_its_last_lines_and_nothing_left(tm
 
 
 def test_a_normal_exit_returns_the_output_and_ends_what_it_left_running(tmp_path, capsys):
-    result = run_logged([sys.executable, "-c", SCRIPT, "exit"], show=re.compile("progress"), timeout=60)
+    result = run_logged([sys.executable, "-c", SCRIPT, "exit"], show=re.compile("progress"), timeout=60, linger=0.5)
     assert result.returncode == 0 and "progress line" in result.stdout
     assert capsys.readouterr().out.strip() == "progress line"  # only lines matching show are echoed
     assert not alive(child_pid(result.stdout))

@@ -90,7 +90,7 @@ def nvflare_simulator(
     return run_logged(cmd, env, log_path, show, timeout)
 
 
-def run_logged(cmd, env=None, log_path=None, show=None, timeout=None) -> subprocess.CompletedProcess:
+def run_logged(cmd, env=None, log_path=None, show=None, timeout=None, linger=LINGER) -> subprocess.CompletedProcess:
     """Run cmd in its own process group (ended with everything it started on any way out);
     output to log_path and returned, lines matching show echoed as they come. Past timeout
     seconds (also while it prints nothing), SimulatorTimeout with the last lines it printed."""
@@ -115,7 +115,7 @@ def run_logged(cmd, env=None, log_path=None, show=None, timeout=None) -> subproc
                 )
             if exited_at is None and proc.poll() is not None:
                 exited_at = now
-            if exited_at is not None and now - exited_at > LINGER:
+            if exited_at is not None and now - exited_at > linger:
                 # The command is done, but something it started still holds its output open
                 # (a worker that did not exit): that must not keep us waiting; end_group ends it.
                 out.append(f"flctl: {cmd[0]} exited {proc.returncode}; ended what it left running\n")
