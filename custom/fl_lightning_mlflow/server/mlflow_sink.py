@@ -16,6 +16,7 @@ import collections
 import json
 import logging
 import os
+import threading
 import uuid
 from pathlib import Path
 
@@ -57,6 +58,7 @@ class MLflowSink:
         self.job_uid = uuid.uuid4().hex  # this job start's runs, whatever the job id (simulator: always the same)
         self.log = logger or logging.getLogger(__name__)
         self.journal_dir, self.last_round, self.ended = self.run_dir / JOURNAL_DIR, None, False
+        self._state_lock = threading.Lock()
         # The job's own tracking URI stays in its state, whatever URI a recovery was told to use.
         self.state_uri = redact_uri((resume or {}).get("tracking_uri") or tracking_uri)
         if resume:
@@ -84,7 +86,15 @@ class MLflowSink:
         self.save_state()
 
     def save_state(self) -> None:
-        """What recovery needs, beside the journal (atomically replaced). Never raises."""
+        """What recovery needs, beside the journal (atomically replaced). Never raises. Called
+        from FLARE's threads (rounds, sites) and the writer thread (run ids): one at a time."""
+        with self._state_lock:
+            try:
+                self._save_state()
+            except Exception as e:  # noqa: BLE001 - tracking goes on; recovery would have less to go by
+                self.log.error(f"MLflow journal: could not save {self.journal_dir}/state.json: {e}")
+
+    def _save_state(self) -> None:
         state = {
             "job_id": self.job_id,
             "job_uid": self.job_uid,
@@ -98,10 +108,7 @@ class MLflowSink:
             "ended": self.ended,
             "pid": os.getpid(),
         }
-        try:
-            save_state(self.journal_dir, state)
-        except (OSError, TypeError, ValueError) as e:
-            self.log.error(f"MLflow journal: could not save {self.journal_dir}/state.json: {e}")
+        save_state(self.journal_dir, state)
 
     def round_done(self, fl_round) -> None:
         self.last_round = fl_round
