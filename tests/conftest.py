@@ -83,11 +83,11 @@ def finished_run(offline_data, template_job, tmp_path_factory):
     return run.server_dir, run.log
 
 
-def tracked_runs(server):
+def tracked_runs(server, experiment_name="hello-lightning-mlflow"):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{server / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("hello-lightning-mlflow")
+    experiment = client.get_experiment_by_name(experiment_name)
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if r.data.tags.get("role") == "federation"]
     children = {r.data.tags.get("site"): r for r in runs if r.data.tags.get("role") == "site"}

@@ -87,6 +87,21 @@ def test_the_shipped_jobs_pass(offline_data):
         assert line.endswith(f"is fine ({count_components(Path(job))} components, data for 2 site(s))"), line
 
 
+def test_a_nested_config_type_dict_is_passed_through_as_flare_does(tmp_path, offline_data):
+    # FedOpt's optimizer_args name a class, but "config_type": "dict" tells FLARE to pass the
+    # dict as it is (the generator builds the optimizer later, with the model's parameters).
+    job = configure_job(
+        REPO / "jobs" / "hello-lightning-fedopt", tmp_path / "job", {"client.data_root": str(offline_data)}
+    )
+    assert check_job(job, 2, None)[0] == []
+    server = json.loads((job / SERVER).read_text())
+    del component(server, "shareable_generator")["args"]["optimizer_args"]["config_type"]
+    (job / SERVER).write_text(json.dumps(server))
+    assert one_problem(job).endswith(
+        "components[3] (id 'shareable_generator').args.optimizer_args.args: SGD needs argument 'params'"
+    )
+
+
 def test_json_that_does_not_parse(tmp_path, offline_data):
     job = job_copy(tmp_path, offline_data)
     (job / CLIENT).write_text('{\n  "local_epochs": 1,,\n}\n')

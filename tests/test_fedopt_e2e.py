@@ -5,7 +5,7 @@ records the algorithm and its hyperparameters."""
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, tracked_runs
 from flctl.simulate import simulate
 
 pytestmark = pytest.mark.slow
@@ -26,21 +26,10 @@ def test_fedopt_runs_and_the_parent_run_records_the_algorithm(offline_data, tmp_
         timeout=600,
     )
     assert run.outcome.ok, run.outcome.problems
-    _, (parent,), children = tracked_runs_of(run.server_dir)
+    _, (parent,), children = tracked_runs(run.server_dir, "hello-lightning-fedopt")
     params = parent.data.params
     assert params["algorithm"] == "FedOpt" and params["server_optimizer"] == "torch.optim.SGD"
     assert params["server_lr"] == "0.8" and params["server_momentum"] == "0.6"
     assert set(children) == {"site-1", "site-2"} and parent.info.status == "FINISHED"
     model = torch.load(run.outcome.model, weights_only=False)
     assert model  # the global model the server's optimizer produced was persisted
-
-
-def tracked_runs_of(server_dir):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{server_dir / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("hello-lightning-fedopt")
-    runs = client.search_runs([experiment.experiment_id])
-    parents = [r for r in runs if r.data.tags.get("role") == "federation"]
-    children = {r.data.tags.get("site"): r for r in runs if r.data.tags.get("role") == "site"}
-    return client, parents, children
