@@ -37,6 +37,17 @@ def no_process_left_behind(request, tmp_path_factory):
         )
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (engine tests train in the test process), restored after."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 def run_simulator(job: Path, workspace: Path, sites: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
     """`nvflare simulator` on a job folder as it is (stdout holds the whole log)."""
     return nvflare_simulator(job, workspace, sites, timeout=timeout)

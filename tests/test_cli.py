@@ -142,3 +142,11 @@ def test_stop_never_signals_a_process_that_is_not_the_server(tmp_path):
         stranger.wait()
     (folder / "server.pid").write_text("999999999\n")  # a dead PID
     assert MlflowServer(folder).running_pid() is None
+
+
+def test_poc_start_can_be_told_to_leave_a_dead_servers_tracking_alone():
+    from flctl.cli import build_parser
+
+    args = build_parser().parse_args(["poc", "--no-recover", "start"])
+    assert args.command == "start" and args.no_recover is True
+    assert build_parser().parse_args(["poc", "start"]).no_recover is False  # recovery is the default

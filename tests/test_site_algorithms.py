@@ -78,11 +78,8 @@ def offline_data(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+def _one_torch_thread(one_thread):
+    """Every test here trains on one thread (conftest.one_thread)."""
 
 
 def make_engine(kind, data_root, workdir, **args):

@@ -65,11 +65,8 @@ class Sink:
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+def _one_torch_thread(one_thread):
+    """Every test here trains on one thread (conftest.one_thread)."""
 
 
 def make_engine(kind, data_root, tmp_path, sink=None, **args):

@@ -161,3 +161,14 @@ def test_the_start_check_lets_training_go_on_when_the_server_is_unreachable_or_a
     assert verdict == "unreachable" and message.startswith(f"MLflow tracking server {uri} unreachable (")
     assert message.endswith("); training goes on, data is kept and retried")
     assert check_server("sqlite:////tmp/none.db") == ("ok", "")
+
+
+def test_temporary_env_sets_for_the_block_and_restores_what_was_there(monkeypatch):
+    from fl_lightning_mlflow.server.tracking_uri import temporary_env
+
+    monkeypatch.setenv("FLTEST_KEPT", "before")
+    monkeypatch.delenv("FLTEST_NEW", raising=False)
+    with pytest.raises(RuntimeError), temporary_env({"FLTEST_KEPT": "during", "FLTEST_NEW": "x"}):
+        assert os.environ["FLTEST_KEPT"] == "during" and os.environ["FLTEST_NEW"] == "x"
+        raise RuntimeError("the block fails")  # restored all the same
+    assert os.environ["FLTEST_KEPT"] == "before" and "FLTEST_NEW" not in os.environ

@@ -167,21 +167,16 @@ class Poc:
     def after_server_crash(self):
         """With the server down: recover the tracking of jobs it left unfinished, then end those
         jobs in FLARE's job store (both no-ops after a clean stop)."""
-        from fl_lightning_mlflow.server.recovery import orphaned_journals  # imports MLflow: only here
+        # These import MLflow: only here.
+        from fl_lightning_mlflow.server.recovery import orphaned_journals
+        from fl_lightning_mlflow.server.tracking_uri import temporary_env
 
         server = self.prod / "server"
         if self.recover and orphaned_journals(server):
             self.say("poc: recovering the tracking of job(s) the FL server left unfinished")
-            saved = {k: os.environ.get(k) for k in CREDENTIAL_VARS}
-            os.environ.update(self.server_credentials())  # this process stands in for the FL server
-            try:
+            # This process stands in for the FL server: its credentials, for the recovery only.
+            with temporary_env(self.server_credentials()):
                 results = recover_tracking(server, self.tracking_uri, say=lambda m: self.say(f"poc: {m}"))
-            finally:
-                for k, v in saved.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
             for run_dir, result in results:
                 if isinstance(result, str) or sum(result.get("lost", {}).values()):
                     self.say(f"poc: {run_dir.name}: not recovered in full; run: flctl recover {run_dir}", err=True)

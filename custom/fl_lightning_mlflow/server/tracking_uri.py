@@ -6,6 +6,7 @@ MLflow will use for the writes), with MLflow's HTTP retries off and a short time
 missing server costs about a second, not MLflow's default retry window of minutes.
 """
 
+import contextlib
 import http
 import os
 import re
@@ -67,9 +68,7 @@ def probe_tracking_server(uri: str, timeout: float = 3.0) -> tuple:
     from mlflow.tracking import MlflowClient
 
     settings = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, round(timeout)))}
-    with _env_lock:
-        saved = {name: os.environ.get(name) for name in settings}
-        os.environ.update(settings)
+    with temporary_env(settings):
         try:
             MlflowClient(uri).search_experiments(max_results=1)
             return "ok", ""
@@ -77,6 +76,17 @@ def probe_tracking_server(uri: str, timeout: float = 3.0) -> tuple:
             return _verdict(e)
         except Exception as e:  # noqa: BLE001 - anything else (bad URL, TLS setup): no verdict on credentials
             return "unreachable", redact_uri(f"{type(e).__name__}: {str(e)[:200]}")
+
+
+@contextlib.contextmanager
+def temporary_env(settings: dict):
+    """os.environ with settings added for the block (MLflow's client reads its settings and
+    credentials from there), restored afterwards; one block at a time in this process."""
+    with _env_lock:
+        saved = {name: os.environ.get(name) for name in settings}
+        os.environ.update(settings)
+        try:
+            yield
         finally:
             for name, value in saved.items():
                 if value is None:
