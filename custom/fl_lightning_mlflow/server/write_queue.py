@@ -59,6 +59,7 @@ class WriteQueue:
         retry_initial: float = 0.5,
         retry_max: float = 15.0,
         idle_flush: float = 0.5,
+        batch_linger: float = 0.25,
         logger: logging.Logger | None = None,
         dead_letter_file=None,
         unknown_error_attempts: int = 5,
@@ -77,6 +78,9 @@ class WriteQueue:
             network trouble nor an MLflow error (e.g. a bug in an action) is tried before it is
             isolated like a refused one, so it cannot hold every later item until job end.
         sync_seconds: how often the journal is fsynced and its cursor recorded.
+        batch_linger: how long the writer lets points gather before a request that is not full:
+            a writer that sends as soon as anything is queued keeps up with a slow producer by
+            sending requests of a few points, each costing MLflow as much as a full one.
         resume: recovery: the journal exists; what lies beyond its cursor is queued again.
         run_ids, experiment_id: what is known before the writer starts (recovery).
         """
@@ -91,6 +95,7 @@ class WriteQueue:
         )
         self.max_memory_items = max_memory_items
         self.retry_initial, self.retry_max, self.idle_flush = retry_initial, retry_max, idle_flush
+        self.batch_linger = batch_linger
         self.unknown_error_attempts = max(1, unknown_error_attempts)
         self.log = logger or logging.getLogger(__name__)
         self._memory = collections.deque()
@@ -131,7 +136,10 @@ class WriteQueue:
             if not spill:
                 self._memory.append((seq, item))
             self.stats[f"queued_{item[0]}"] += 1
-            self._cond.notify()
+            # Wake the writer when it waits for a first item or for a full request, not per item.
+            queued = len(self._memory)
+            if spill or item[0] == "call" or queued == 1 or queued % MAX_METRICS_PER_BATCH == 0:
+                self._cond.notify_all()
 
     def pending(self) -> collections.Counter:
         """Queued but not yet written nor refused, by kind (memory and journal); journal lines
@@ -162,6 +170,15 @@ class WriteQueue:
                 if self._closing:
                     return None
                 self._cond.wait(self.idle_flush)
+            until = time.monotonic() + self.batch_linger
+            while (
+                not self._closing
+                and not self.journal.count
+                and len(self._memory) < MAX_METRICS_PER_BATCH
+                and self._memory[0][1][0] != "call"
+                and (left := until - time.monotonic()) > 0
+            ):
+                self._cond.wait(left)
             if not self._memory:
                 self.journal.read_into(self._memory, max(1, self.max_memory_items // 2))
                 if not self._memory:

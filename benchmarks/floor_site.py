@@ -1,0 +1,54 @@
+#!/usr/bin/env python3
+"""One site's training with nothing of FLARE: the floor's worker (overhead.py starts one per site).
+
+    python benchmarks/floor_site.py DATA_ROOT SITE ROUNDS EPOCHS THREADS FOLDER
+
+Imports, reads its share and builds the model first, then writes FOLDER/SITE.ready and waits for
+FOLDER/go, so the timed part is the training alone: ROUNDS x EPOCHS epochs of the site's share
+with a validation of its validation part before each round, as the site does (it validates the
+global model it receives, then trains), in one Trainer. Writes FOLDER/SITE.json with the times.
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def main(argv) -> int:
+    data_root, site, rounds, epochs, threads, folder = argv
+    rounds, epochs, threads, folder = int(rounds), int(epochs), int(threads), Path(folder)
+    import pytorch_lightning as pl
+    import torch
+
+    from fl_lightning_mlflow.common.network import CifarNet
+    from fl_lightning_mlflow.site.data import SiteDataModule
+    from fl_lightning_mlflow.site.lit_module import LitCifarNet
+
+    torch.set_num_threads(threads)
+    pl.seed_everything(0, verbose=False)
+    data = SiteDataModule(data_root, site, batch_size=32)
+    data.load()
+    model = LitCifarNet(lr=0.02)
+    model.net.load_state_dict(CifarNet(init_seed=0).state_dict())
+    trainer = pl.Trainer(
+        max_epochs=rounds * epochs,
+        check_val_every_n_epoch=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=-1,  # every validation batch before the first epoch: round 0's validation
+    )
+    (folder / f"{site}.ready").touch()
+    while not (folder / "go").exists():
+        time.sleep(0.01)
+    started = time.time()
+    trainer.fit(model, datamodule=data)
+    ended = time.time()
+    (folder / f"{site}.json").write_text(json.dumps({"started": started, "ended": ended, "threads": threads}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,247 @@
+"""FL wall time against the physical floor, where start-up and shutdown go, and the cost of tracking.
+
+The floor is the same sites' training in parallel plain-Lightning processes, one per site, with
+the threads each site gets in the simulator (usable cores // sites): nothing of FLARE, imports
+and data loading outside the timed part (floor_site.py). Against it runs the default job in the
+simulator with per-step metrics streamed (tracking on) and with no logger on the sites (off).
+The three are interleaved, in a rotating order, `repeats` times; medians and spreads are
+reported, ratios taken within each repeat.
+"""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench_common import REPO, federated, first_time, last_time, make_data, say, spread
+
+# (phase, the log line that ends it, first or last such line); a missing line folds the phase
+# into the next one. "launch" is flctl simulate's start; the last phase ends when it returns.
+PHASES = (
+    ("simulator and server start", r"Round 0 started", "first"),
+    ("site processes start", r"ClientTaskWorker started to run", "last"),
+    ("sites import and load data", r"training starts", "first"),
+    ("rounds", r"aggregating \d+ update\(s\) at round", "last"),
+    ("end of training", r"Beginning model validation", "first"),
+    ("cross-site evaluation", r"Saved validation result", "last"),
+    ("sites end", r"End the Simulator run", "last"),
+    ("model logging and last writes", r"MLflow: all written", "last"),
+)
+
+
+def settings(quick: bool) -> dict:
+    if quick:
+        return {"sites": 2, "rounds": 2, "epochs": 1, "train_size": 6000, "repeats": 1}
+    return {"sites": 2, "rounds": 5, "epochs": 1, "train_size": 30000, "repeats": 3}
+
+
+def phases(lines, launched: float, ended: float) -> dict:
+    """Seconds per phase, from the simulator log's time stamps."""
+    out, previous = {}, launched
+    for name, pattern, which in PHASES:
+        t = (first_time if which == "first" else last_time)(lines, pattern)
+        if t is None or t < previous:
+            continue
+        out[name] = t - previous
+        previous = t
+    out["teardown"] = ended - previous
+    return out
+
+
+def floor(work: Path, data_root, sites: int, rounds: int, epochs: int) -> dict:
+    from fl_lightning_mlflow.site.threads import usable_cores
+
+    threads = max(1, usable_cores() // sites)
+    folder = work / f"floor-{time.time_ns()}"
+    folder.mkdir(parents=True)
+    names = [f"site-{i}" for i in range(1, sites + 1)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(REPO / "benchmarks" / "floor_site.py"), str(data_root), s, str(rounds), str(epochs)]
+            + [str(threads), str(folder)],
+            stdout=subprocess.DEVNULL,
+            stderr=open(folder / f"{s}.log", "w"),  # noqa: SIM115 - closed with the process
+        )
+        for s in names
+    ]
+    try:
+        deadline = time.time() + 600
+        while not all((folder / f"{s}.ready").exists() for s in names):
+            if any(p.poll() not in (None, 0) for p in procs) or time.time() > deadline:
+                raise RuntimeError(f"floor: a site process failed before training; see {folder}/*.log")
+            time.sleep(0.05)
+        go = time.time()
+        (folder / "go").touch()
+        for p in procs:
+            if p.wait(timeout=1800) != 0:
+                raise RuntimeError(f"floor: a site process failed; see {folder}/*.log")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    import json
+
+    times = {s: json.loads((folder / f"{s}.json").read_text()) for s in names}
+    return {
+        "floor_s": max(t["ended"] for t in times.values()) - go,
+        "per_site_s": {s: t["ended"] - t["started"] for s, t in times.items()},
+        "threads_per_site": threads,
+    }
+
+
+def run(work: Path, quick: bool, results: dict, save) -> dict:
+    cfg = results.setdefault("config", settings(quick))
+    data = make_data(work / "overhead-data", cfg["train_size"], cfg["sites"])
+    reps = results.setdefault("repeats", [])
+    orders = (("floor", "on", "off"), ("on", "off", "floor"), ("off", "floor", "on"))
+    while len(reps) < cfg["repeats"]:
+        i = len(reps)
+        rep = {"order": list(orders[i % 3])}
+        for kind in rep["order"]:
+            if kind == "floor":
+                rep["floor"] = floor(work, data, cfg["sites"], cfg["rounds"], cfg["epochs"])
+                say(f"    repeat {i + 1}: floor {rep['floor']['floor_s']:.1f} s")
+                continue
+            tracking = kind == "on"
+            fed = federated(
+                work,
+                data,
+                cfg["sites"],
+                cfg["rounds"],
+                cfg["epochs"],
+                name=f"overhead-{kind}-{i}",
+                extra={"client.tracking": tracking, "client.log_every_n_steps": 1},
+            )
+            fed["phases"] = phases(fed.pop("_lines"), fed["started"], fed["started"] + fed["wall_s"])
+            rep[f"tracking_{kind}"] = fed
+            say(
+                f"    repeat {i + 1}: tracking {kind}: wall {fed['wall_s']:.1f} s = start-up {fed['startup_s']:.1f}"
+                f" + rounds {fed['rounds_s']:.1f} + shutdown {fed['shutdown_s']:.1f}"
+            )
+        reps.append(rep)
+        save()
+    results["summary"] = summary(reps)
+    save()
+    return results
+
+
+def summary(reps) -> dict:
+    on = [r["tracking_on"] for r in reps]
+    off = [r["tracking_off"] for r in reps]
+    floors = [r["floor"]["floor_s"] for r in reps]
+    names = [p for p, _, _ in PHASES] + ["teardown"]
+    return {
+        "floor_s": spread(floors),
+        "wall_on_s": spread([f["wall_s"] for f in on]),
+        "wall_over_floor": spread([f["wall_s"] / fl for f, fl in zip(on, floors, strict=True)]),
+        "rounds_over_floor": spread([f["rounds_s"] / fl for f, fl in zip(on, floors, strict=True)]),
+        "fixed_s": spread([f["startup_s"] + f["shutdown_s"] for f in on]),
+        "startup_s": spread([f["startup_s"] for f in on]),
+        "shutdown_s": spread([f["shutdown_s"] for f in on]),
+        "phases_s": {n: spread([f["phases"].get(n, 0.0) for f in on]) for n in names},
+        "tracking_rounds": spread([a["rounds_s"] / b["rounds_s"] for a, b in zip(on, off, strict=True)]),
+        "tracking_wall": spread([a["wall_s"] / b["wall_s"] for a, b in zip(on, off, strict=True)]),
+        "tracking_site_fit": spread([a["site_fit_s"] / b["site_fit_s"] for a, b in zip(on, off, strict=True)]),
+        "rounds_on_s": spread([f["rounds_s"] for f in on]),
+        "rounds_off_s": spread([f["rounds_s"] for f in off]),
+        "points_streamed": [f.get("tracked_points", 0) for f in on],
+        "points_lost": [f.get("lost", 0) for f in on],
+        "max_event_ms": max(f.get("max_event_ms", 0) for f in on),
+    }
+
+
+def _fmt(s, unit="", digits=2) -> str:
+    text = f"{s['median']:.{digits}f}{unit}"
+    return text if s["n"] < 2 else f"{text} (min {s['min']:.{digits}f}, max {s['max']:.{digits}f})"
+
+
+def table(results) -> str:
+    cfg, s = results["config"], results["summary"]
+    head = (
+        f"{cfg['sites']} sites x {cfg['rounds']} rounds x {cfg['epochs']} epoch(s), {cfg['train_size']:,} training"
+        f" images; medians of {cfg['repeats']} interleaved repeat(s) (min, max)\n\n"
+    )
+    rows = [
+        ("floor: the sites' training in parallel processes, no FLARE", _fmt(s["floor_s"], " s", 1), ""),
+        ("FL wall time, tracking on (per-step metrics)", _fmt(s["wall_on_s"], " s", 1), ""),
+        ("FL wall / floor", _fmt(s["wall_over_floor"]), "target <= 1.15"),
+        ("FL rounds / floor", _fmt(s["rounds_over_floor"]), ""),
+        ("start-up + shutdown", _fmt(s["fixed_s"], " s", 1), "target <= 30 s"),
+        ("tracking on / off: rounds", _fmt(s["tracking_rounds"], "", 3), "target <= 1.03"),
+        ("tracking on / off: wall", _fmt(s["tracking_wall"], "", 3), ""),
+        ("tracking on / off: summed site fit time", _fmt(s["tracking_site_fit"], "", 3), ""),
+        ("metric points streamed / lost per run", f"{s['points_streamed']} / {s['points_lost']}", ""),
+    ]
+    lines = ["| measure | value | target |", "| --- | --- | --- |"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    lines += ["", "Where the fixed seconds go (tracking on, medians):", "", "| phase | seconds |", "| --- | --- |"]
+    lines += [f"| {name} | {v['median']:.1f} |" for name, v in s["phases_s"].items()]
+    return head + "\n".join(lines)
+
+
+def plot(results, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = results["summary"]
+    fig, ax = plt.subplots(figsize=(8, 2.8))
+    ax.barh(1, s["floor_s"]["median"], color="#4c72b0", label="floor (training only)")
+    left = 0.0
+    colors = plt.get_cmap("tab10").colors
+    for i, (name, v) in enumerate(s["phases_s"].items()):
+        ax.barh(0, v["median"], left=left, color=colors[(i + 1) % 10], label=name)
+        left += v["median"]
+    ax.set_yticks([0, 1], ["FLARE job, tracking on", "parallel plain Lightning"])
+    ax.set_xlabel("seconds (medians)")
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.3))
+    ax.set_title("Where the time goes")
+    fig.tight_layout()
+    fig.savefig(out / "wall_time_breakdown.png", dpi=110)
+    plt.close(fig)
+
+
+def scaling(work: Path, quick: bool, results: dict, save) -> dict:
+    """Sites, rounds and data size from a small base; wall time against the floor."""
+    axes = {
+        "sites": [(s, {"sites": s}) for s in ((2, 4) if quick else (2, 4, 8))],
+        "rounds": [(r, {"rounds": r}) for r in ((2, 4) if quick else (2, 4, 8))],
+        "train size": [(t, {"train_size": t}) for t in ((3000, 6000) if quick else (6000, 12000, 24000))],
+    }
+    base = {"sites": 2, "rounds": 2, "epochs": 1, "train_size": 6000}
+    points = results.setdefault("points", [])
+    done = {(p["axis"], p["x"]) for p in points}
+    for axis, changes in axes.items():
+        for x, change in changes:
+            if (axis, x) in done:
+                continue
+            c = {**base, **change}
+            data = make_data(work / f"scale-data-{c['train_size']}-{c['sites']}", c["train_size"], c["sites"])
+            fl = floor(work, data, c["sites"], c["rounds"], c["epochs"])["floor_s"]
+            fed = federated(
+                work, data, c["sites"], c["rounds"], c["epochs"], name=f"scale-{axis}-{x}".replace(" ", "_")
+            )
+            fed.pop("_lines")
+            points.append(
+                {
+                    "axis": axis,
+                    "x": x,
+                    "floor_s": fl,
+                    **{k: fed[k] for k in ("wall_s", "startup_s", "rounds_s", "shutdown_s", "test_acc")},
+                }
+            )
+            say(f"    {axis}={x}: wall {fed['wall_s']:.1f} s, rounds {fed['rounds_s']:.1f} s, floor {fl:.1f} s")
+            save()
+    return results
+
+
+def scaling_table(results) -> str:
+    rows = ["| change | wall s | start-up s | rounds s | shutdown s | floor s | test acc |", "| --- |" + " --- |" * 6]
+    for p in results["points"]:
+        rows.append(
+            f"| {p['axis']} = {p['x']} | {p['wall_s']:.1f} | {p['startup_s']:.1f} | {p['rounds_s']:.1f} |"
+            f" {p['shutdown_s']:.1f} | {p['floor_s']:.1f} | {p['test_acc']:.3f} |"
+        )
+    return "\n".join(rows)

@@ -1,0 +1,27 @@
+"""The tables (summary.md) and plots of a benchmark run, from its results.json alone."""
+
+from pathlib import Path
+
+import accuracy
+import overhead
+import write_path
+
+
+def summary_markdown(results: dict) -> str:
+    parts = []
+    if results.get("overhead", {}).get("summary"):
+        parts += ["## Overhead and tracking cost", overhead.table(results["overhead"])]
+    if results.get("write_path", {}).get("summary"):
+        parts += ["## Write path", write_path.table(results["write_path"])]
+    if results.get("accuracy", {}).get("summary"):
+        parts += ["## Accuracy", accuracy.table(results["accuracy"])]
+    if results.get("scaling", {}).get("points"):
+        parts += ["## Scaling", overhead.scaling_table(results["scaling"])]
+    return "\n\n".join(parts) + "\n"
+
+
+def all_plots(results: dict, out: Path) -> None:
+    if results.get("overhead", {}).get("summary"):
+        overhead.plot(results["overhead"], out)
+    if results.get("accuracy", {}).get("summary"):
+        accuracy.plot(results["accuracy"], out)
