@@ -16,9 +16,6 @@ flush; MLflow refuses a batch of more than 1,000 metrics, so a site that sends m
 between flushes loses them (counted here, not hidden).
 """
 
-import cProfile
-import io
-import pstats
 import time
 from pathlib import Path
 
