@@ -79,7 +79,7 @@ def stream(sites: int, points: int) -> list:
                 value={key: 0.5 + step * 1e-6 for key in KEYS},
                 data_type=AnalyticsDataType.METRICS,
                 sender=LogWriterName.MLFLOW,
-                step=step,
+                global_step=step,  # FLARE's writers' name for it (a plain step= is dropped)
             )
             out.append((f"site-{k + 1}", data.to_dxo().to_shareable()))
     return out

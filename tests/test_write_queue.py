@@ -135,3 +135,39 @@ def test_the_journal_is_synced_and_its_cursor_recorded_on_a_short_cadence(store,
         time.sleep(0.05)
     assert queue.stats["journal_syncs"] >= 1  # fsynced without waiting for close
     assert queue.close(5) == {}
+
+
+class CountingQueue(WriteQueue):
+    """Counts the requests the writer sends (our own code instrumented; MLflow is real)."""
+
+    requests = 0
+
+    def _write(self, items):
+        type(self).requests += 1
+        return super()._write(items)
+
+
+def test_a_slow_producer_still_gets_full_requests(store, tmp_path):
+    """Points trickling in are gathered for batch_linger instead of going out a few at a time
+    (each request costs the store about as much as a full one)."""
+    uri, client, experiment = store
+    CountingQueue.requests = 0
+    queue = CountingQueue(uri, tmp_path / "journal", actions={}, batch_linger=2.0)
+    queue.run_ids["site-1"] = client.create_run(experiment).info.run_id
+    for step in range(300):
+        queue.put(("metric", "site-1", "loss", 0.5, 0, step))
+        if step % 10 == 0:
+            time.sleep(0.005)  # a producer slower than the writer
+    assert queue.drain(60)
+    assert queue.close(5) == {}
+    assert len(client.get_metric_history(queue.run_ids["site-1"], "loss")) == 300
+    assert CountingQueue.requests <= 5, CountingQueue.requests  # not one request per few points
+
+
+def test_close_does_not_wait_out_the_linger(store, tmp_path):
+    uri, client, experiment = store
+    queue = WriteQueue(uri, tmp_path / "journal", actions={}, batch_linger=600.0)
+    queue.run_ids["site-1"] = client.create_run(experiment).info.run_id
+    queue.put(("metric", "site-1", "loss", 0.5, 0, 0))
+    assert queue.close(60) == {}  # closing ends the wait at once: a 600 s linger would fail this
+    assert len(client.get_metric_history(queue.run_ids["site-1"], "loss")) == 1

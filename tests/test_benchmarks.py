@@ -1,0 +1,79 @@
+"""The benchmark code's own logic, on made-up inputs (no benchmark runs here: no timing is asserted)."""
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import accuracy  # noqa: E402
+import overhead  # noqa: E402
+import run_benchmarks  # noqa: E402
+import write_path  # noqa: E402
+from bench_common import spread  # noqa: E402
+
+
+def stamp(seconds: float) -> str:
+    whole = int(seconds)
+    return f"2026-11-30 10:00:{whole:02d},{int((seconds - whole) * 1000):03d} - INFO - "
+
+
+def test_phases_follow_the_log_and_fold_a_missing_marker_into_the_next():
+    launched = __import__("datetime").datetime(2026, 11, 30, 10, 0, 0).timestamp()
+    lines = [
+        stamp(5) + "Round 0 started.",
+        stamp(7) + "ClientTaskWorker started to run",
+        stamp(15) + "round 0: training starts",
+        stamp(40) + "aggregating 2 update(s) at round 1",
+        stamp(41) + "Beginning model validation with clients",
+        stamp(45) + "Saved validation result from client 'site-1'",
+        # no "End the Simulator run": that phase folds into the next
+        stamp(52) + "MLflow: all written",
+    ]
+    got = overhead.phases(lines, launched, launched + 55)
+    assert got["simulator and server start"] == pytest.approx(5)
+    assert got["sites import and load data"] == pytest.approx(8)
+    assert got["rounds"] == pytest.approx(25)
+    assert "sites end" not in got and got["model logging and last writes"] == pytest.approx(7)
+    assert got["teardown"] == pytest.approx(3)
+    assert sum(got.values()) == pytest.approx(55)
+
+
+def test_accuracy_summary_and_table_give_mean_and_spread_per_cell():
+    results = {
+        "config": {"sites": 3, "rounds": 4, "seeds": [0, 1], "splits": ["iid", "dirichlet_0.1"]},
+        "cells": {
+            "FedAvg/iid/0": {"test_acc": 0.6},
+            "FedAvg/iid/1": {"test_acc": 0.7},
+            "FedAvg/dirichlet_0.1/0": {"test_acc": 0.4},
+        },
+        "central": {"lr": 0.02, "runs": {"0": {"test_acc": 0.75}, "1": {"test_acc": 0.73}}},
+    }
+    results["summary"] = accuracy.summary(results)
+    assert results["summary"]["FedAvg/iid"]["mean"] == pytest.approx(0.65)
+    assert results["summary"]["FedAvg/dirichlet_0.1"]["n"] == 1
+    assert "SCAFFOLD/iid" not in results["summary"]
+    text = accuracy.table(results)
+    assert "| FedAvg | 0.650 ± 0.071 (0.600-0.700) | 0.400 ± 0.000 (0.400-0.400) |" in text
+    assert "| SCAFFOLD | - | - |" in text and "lr 0.02" in text
+
+
+def test_spread_of_one_value_has_no_deviation():
+    assert spread([2.0]) == {"n": 1, "median": 2.0, "mean": 2.0, "min": 2.0, "max": 2.0, "stdev": 0.0, "values": [2.0]}
+
+
+def test_an_unknown_section_is_named():
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown section.*'accuracyy'"):
+        run_benchmarks.sections_arg("overhead,accuracyy")
+
+
+def test_the_stream_interleaves_sites_in_flare_analytics_events():
+    from nvflare.apis.analytix import AnalyticsData, LogWriterName
+    from nvflare.apis.dxo import from_shareable
+
+    events = write_path.stream(sites=2, points=2 * 2 * len(write_path.KEYS))
+    assert [site for site, _ in events] == ["site-1", "site-2", "site-1", "site-2"]
+    data = AnalyticsData.from_dxo(from_shareable(events[2][1]), receiver=LogWriterName.MLFLOW)
+    assert data.step == 1 and set(data.value) == set(write_path.KEYS)
