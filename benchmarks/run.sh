@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the benchmarks from nothing: set up the environment, then benchmarks/run_benchmarks.py.
-#   benchmarks/run.sh [--quick] [--out DIR] [--skip-scaling] [--venv DIR]
-# --quick takes a few minutes, the full run about half an hour on 2 cores; --help says more.
+#   benchmarks/run.sh [--quick] [--out DIR] [--sections overhead,write_path,accuracy] [--venv DIR]
+# --quick takes a few minutes, the full run about 1.5 hours on 2 cores; --help says more.
 set -euo pipefail
 source "$(dirname "$0")/../scripts/common.sh"
 take_venv "$@"

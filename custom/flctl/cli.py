@@ -24,6 +24,7 @@ MODULES = (
     "flctl.evaluate",
     "flctl.mlflow_contents",
     "flctl.recover",
+    "flctl.screenshots",
 )
 
 

@@ -82,3 +82,25 @@ def end(pids, grace: float = 5) -> list:
         if not pids:
             break
     return pids
+
+
+def end_group(proc, grace: float = 10.0) -> None:
+    """End a process group that proc leads (it and everything it started that is still there):
+    SIGTERM, then SIGKILL for what is left after grace seconds."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return  # nothing left
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        proc.poll()  # reap the leader, or the group never looks empty
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()

@@ -14,7 +14,6 @@ import os
 import queue
 import re
 import shlex
-import signal
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ from flctl.check_job import check_or_fail
 from flctl.configure import JobConfigError, configure_job
 from flctl.errors import DEFAULT_JOB, CliError, default_data_root, positive_int, resolve_job
 from flctl.outcome import Outcome, judge
+from flctl.processes import end_group
 
 # Shown while the simulator runs (display only: the verdict comes from flctl.outcome).
 PROGRESS = re.compile(r"round \d+:|aggregating|new best|ERROR")
@@ -140,28 +140,6 @@ def run_logged(cmd, env=None, log_path=None, show=None, timeout=None, linger=LIN
             log.close()
         end_group(proc)
     return subprocess.CompletedProcess(cmd, proc.returncode, "".join(out), "")
-
-
-def end_group(proc, grace: float = 10.0) -> None:
-    """End the simulator's process group (it and everything it started that is still there):
-    SIGTERM, then SIGKILL for what is left after grace seconds."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return  # nothing left
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        proc.poll()  # reap the leader, or the group never looks empty
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
 
 
 def ensure_data(data_root, sites, alpha=None, seed=0, offline=False, say=print) -> None:
