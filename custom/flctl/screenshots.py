@@ -84,6 +84,10 @@ def shoot(ui: str, t: dict, out: Path, chrome: str, say) -> list:
         for close in page.locator("[aria-label='Close']").all():  # the assistant side panel, if shown
             if close.is_visible():
                 close.click()
+        training = page.locator("text=Model training").first  # the UI's deep-learning mode, not GenAI
+        if training.count() and training.is_visible():
+            training.click()
+            page.wait_for_timeout(1000)
 
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=chrome, args=ARGS)
@@ -92,12 +96,15 @@ def shoot(ui: str, t: dict, out: Path, chrome: str, say) -> list:
         page.wait_for_selector(f"a[href*='{parent}']", timeout=60000)
         page.wait_for_timeout(1500)
         close_side_panels(page)
+        page.goto(f"{ui}/#/experiments/{exp}/runs")
+        page.wait_for_selector(f"a[href*='{parent}']", timeout=60000)
+        page.wait_for_timeout(1500)
         box = page.locator(f"a[href*='{parent}']").first.bounding_box()
         page.mouse.click(box["x"] - 32, box["y"] + box["height"] / 2)  # the expander left of the run's name
         page.wait_for_timeout(1500)
         save(page, "mlflow-run-tree")
 
-        page.set_viewport_size({"width": 1500, "height": 1100})
+        page.set_viewport_size({"width": 1500, "height": 1500})
         page.goto(f"{ui}/#/experiments/{exp}/runs/{parent}/model-metrics")
         page.wait_for_selector("input[placeholder='Search metric charts']", timeout=60000)
         page.fill("input[placeholder='Search metric charts']", "global_val_acc")
@@ -143,7 +150,7 @@ def take(tracking_uri: str, out, experiment: str | None = None, say=print) -> li
             start_new_session=True,
         )
         try:
-            deadline = time.monotonic() + 120
+            deadline = time.monotonic() + 300  # a busy machine takes minutes to start the UI's workers
             while not healthy(ui):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise CliError(f"mlflow ui did not start; see {log_path}")
