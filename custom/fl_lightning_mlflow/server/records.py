@@ -16,6 +16,7 @@ from fl_lightning_mlflow.common.protocol import (
     MAX_TAG_VALUE_LENGTH,
     check_key,
 )
+from fl_lightning_mlflow.server.dataset_inputs import problem_of
 
 LIMITS = {"param": MAX_PARAM_VALUE_LENGTH, "tag": MAX_TAG_VALUE_LENGTH}
 
@@ -86,6 +87,21 @@ class RecordChecker:
                 continue
             self.received[site][item] += 1
             accepted.append((key, self._bounded(site, item, key, value)))
+        return accepted
+
+    def datasets(self, site: str, values) -> list:
+        """A DATASETS record's value {context: JSON text}; returns the [(context, text)] that
+        can be dataset inputs; each refused one is counted and its reason logged once."""
+        if not isinstance(values, dict):
+            self.reject(site, "datasets record", None, "is not {context: JSON text}")
+            return []
+        accepted = []
+        for context, text in list(values.items())[:MAX_ITEMS_PER_EVENT]:
+            problem = problem_of(context, text)
+            if problem:
+                self.reject(site, "dataset", None, problem, items=0)  # not counted as sent: not a point
+            else:  # not in `received`: delivery accounting counts points, params and tags only
+                accepted.append((context, text))
         return accepted
 
     def _bounded(self, site, item, key, value) -> str:
