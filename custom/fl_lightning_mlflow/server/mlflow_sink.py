@@ -319,6 +319,8 @@ class MLflowSink:
                     "dead_letter": str(queue.dead_letter_file) if queue.dead_letter_file.exists() else None,
                     "quarantined": queue.stats["quarantined"],  # unreadable journal lines, kept aside
                     "rejected": dict(records.rejected),
+                    # site -> system/ points received: monitoring, outside the delivery table
+                    "system_metrics": dict(getattr(records, "system_received", {})),
                     "truncated": dict(records.truncated),
                     "write_failures": queue.stats["failures"],
                     "spilled": queue.stats["spilled"],

@@ -14,6 +14,7 @@ from fl_lightning_mlflow.common.protocol import (
     MAX_ITEMS_PER_EVENT,
     MAX_PARAM_VALUE_LENGTH,
     MAX_TAG_VALUE_LENGTH,
+    SYSTEM_PREFIX,
     check_key,
 )
 from fl_lightning_mlflow.server.dataset_inputs import problem_of
@@ -34,6 +35,9 @@ class RecordChecker:
         """warn: called once per distinct problem with one line (e.g. the component's logger)."""
         self.warn = warn
         self.received = collections.defaultdict(collections.Counter)  # site -> kind -> accepted
+        # site -> system metric points accepted: monitoring, kept out of delivery accounting (sites
+        # do not count them in their task results: samples go on after the last one)
+        self.system_received = collections.Counter()
         self.rejected = collections.Counter()  # "site: what" -> times
         # site -> items refused (values of a refused record, not records): what delivery
         # accounting (server.delivery) subtracts from what a site sent before calling it lost
@@ -73,7 +77,10 @@ class RecordChecker:
         if step is None:  # no step given: count up per name rather than pile every point on 0
             step = self._auto_step[(site, key)]
             self._auto_step[(site, key)] += 1
-        self.received[site]["metric"] += 1
+        if key.startswith(SYSTEM_PREFIX):
+            self.system_received[site] += 1
+        else:
+            self.received[site]["metric"] += 1
         return key, float(value), int(step)
 
     def texts(self, site: str, item: str, values: dict) -> list:

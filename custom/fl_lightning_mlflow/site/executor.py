@@ -194,6 +194,8 @@ class SiteExecutor(Executor):
         if event_type == EventType.END_RUN and self.engine is not None and not self.setup_error:
             # The sending side's count, to compare with what reaches MLflow (this process's).
             self.log_info(fl_ctx, f"{self.site}: sent {self.engine.points_sent} metric points")
+            if self.sampler is not None:  # apart: the last samples may leave as the server stops listening
+                self.log_info(fl_ctx, f"{self.site}: sent {self.sampler.points_sent} system metric points")
             # The cumulative counts again: they include what was sent after the last task result,
             # which the server never hears of otherwise (no task result follows END_RUN).
             self.log_info(fl_ctx, f"{self.site}: sent counts at job end {self.sent.snapshot()}")
@@ -249,11 +251,13 @@ class SiteExecutor(Executor):
         if self.system_metrics_seconds <= 0 or not self._streaming():
             return
         flare_engine = fl_ctx.get_engine()
-        # Off the task's thread: a FLARE context of its own, so samples go out between tasks too.
-        send = self.sent.sender(lambda *record: self._send_analytics(*record, fl_ctx=flare_engine.new_context()))
 
         def send_records(records):
-            send(METRICS_BATCH, records, None, None)
+            # Off the task's thread: a FLARE context of its own, so samples go out between tasks too.
+            # Not in the sent counts: samples keep coming after a site's last task result, and the
+            # very last may leave as the server stops listening; delivery accounting covers the
+            # training records (the server leaves system/ points out of it too).
+            self._send_analytics(METRICS_BATCH, records, None, None, fl_ctx=flare_engine.new_context())
 
         saved = self._saved_state().get("system_step", 0)
         self.sampler = SystemSampler(self.system_metrics_seconds, send_records, start_step=saved,

@@ -71,6 +71,7 @@ class SystemSampler:
 
     def __init__(self, seconds: float, send: Callable[[list], None], start_step: int = 0, warn=None):
         self.seconds, self.send, self.step = seconds, send, start_step
+        self.points_sent = 0  # by this process (the END_RUN line's count)
         self.warn = warn or (lambda msg: None)
         self._stop = threading.Event()
         self._thread = None
@@ -96,6 +97,7 @@ class SystemSampler:
             values = sample_system(self._gpu)
             self.send([[self.step, None, values]])
             self.step += 1
+            self.points_sent += len(values)
         except Exception as e:  # noqa: BLE001 - system metrics are a service, never the site's failure
             self.warn(f"system metrics: {type(e).__name__}: {e}")
             self.warn = lambda msg: None
