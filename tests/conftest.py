@@ -82,7 +82,14 @@ def finished_run(offline_data, template_job, tmp_path_factory):
         sites=SITES,
         rounds=ROUNDS,
         epochs=EPOCHS,
-        extra_settings={"client.batch_size": BATCH, "client.log_every_n_steps": LOG_EVERY},
+        # every round's global model as a LoggedModel, so the tests see each round's (the default
+        # logs only the best and the final); system metrics every 2 s, so every site has a series
+        extra_settings={
+            "client.batch_size": BATCH,
+            "client.log_every_n_steps": LOG_EVERY,
+            "server.log_models": "every_round",
+            "client.system_metrics_seconds": 2,
+        },
         prepare=False,
         evaluate=False,
         say=lambda msg: None,

@@ -312,3 +312,18 @@ def test_a_password_in_the_tracking_uri_is_not_printed(tmp_path, offline_data):
     job = job_copy(tmp_path, offline_data, **{"server.tracking_uri": "ftp://admin:s3cret@mlflow.example.com"})
     line = one_problem(job)
     assert "unsupported scheme 'ftp'" in line and "ftp://***@mlflow.example.com" in line and "s3cret" not in line
+
+
+@pytest.mark.parametrize(
+    "setting,value,component,expected",
+    [
+        ("server.log_models", "every_k:0", "(id 'mlflow_tracker'): FederatedMLflowTracker refused its arguments",
+         "log_models must be 'best_and_final', 'every_round' or 'every_k:<k>' (k an integer >= 1), got 'every_k:0'"),
+        ("client.system_metrics_seconds", -5, "(id 'executor'): SiteExecutor refused its arguments",
+         "SiteExecutor: system_metrics_seconds must be a number of seconds in 0..3600 (0 = off), got -5"),
+    ],
+)  # fmt: skip
+def test_a_bad_model_logging_or_system_metrics_setting(tmp_path, offline_data, setting, value, component, expected):
+    job = job_copy(tmp_path, offline_data, **{setting: value})
+    line = one_problem(job)
+    assert component in line and expected in line

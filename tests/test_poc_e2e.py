@@ -73,7 +73,9 @@ def command_lines() -> set:
 
 def summary(client, parent, children):
     def metrics(run):
-        return {k: len(client.get_metric_history(run.info.run_id, k)) for k in run.data.metrics}
+        # system/ series follow each run's wall time, not what was trained: not compared
+        keys = [k for k in run.data.metrics if not k.startswith("system/")]
+        return {k: len(client.get_metric_history(run.info.run_id, k)) for k in keys}
 
     return {
         "parent": (metrics(parent), sorted(parent.data.params), parent.info.status),

@@ -112,3 +112,11 @@ def test_malformed_events_and_unsupported_kinds_are_counted():
     records.unsupported("site-1", "IMAGE")
     assert records.rejected["site-1: unsupported IMAGE"] == 2 and len(warnings) == 1  # counted, not logged
     assert not records.reject("site-1", "metric", "fine_name")
+
+
+def test_system_metrics_are_written_but_kept_out_of_the_delivery_counts():
+    # Sites sample until the job ends, after their last task result reported what they sent.
+    records, _ = checker()
+    points = records.metrics("site-1", [[3, None, {"system/cpu_utilization_percentage": 50.0, "val_acc": 0.5}]])
+    assert points == [("system/cpu_utilization_percentage", 50.0, 3), ("val_acc", 0.5, 3)]
+    assert records.received["site-1"]["metric"] == 1 and records.system_received["site-1"] == 1

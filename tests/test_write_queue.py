@@ -47,6 +47,17 @@ def test_points_of_interleaved_runs_are_all_written_in_batches(store, tmp_path):
     assert queue.stats["written_metric"] == 3000 and queue.stats["failures"] == 0
 
 
+def test_system_metrics_are_written_but_not_counted_in_the_runs_delivery_counts(store, tmp_path):
+    uri, client, experiment = store
+    queue = WriteQueue(uri, tmp_path / "journal", actions={})
+    queue.run_ids["site-1"] = client.create_run(experiment).info.run_id
+    queue.put(("metric", "site-1", "system/cpu_utilization_percentage", 12.5, 0, 0))
+    queue.put(("metric", "site-1", "val_acc", 0.5, 0, 0))
+    assert queue.drain(60) and queue.close(5) == {}
+    assert queue.stats["written_metric"] == 2 and queue.written_by_run == {"site-1": 1}
+    assert client.get_metric_history(queue.run_ids["site-1"], "system/cpu_utilization_percentage")[0].value == 12.5
+
+
 def test_a_failed_write_is_kept_and_retried_until_it_succeeds(store, tmp_path, caplog):
     uri, client, experiment = store
     attempts = []

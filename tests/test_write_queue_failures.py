@@ -247,19 +247,19 @@ def test_a_model_version_is_registered_once_when_registration_is_retried(store, 
     model = client.create_logged_model(experiment, name="best_global_model", source_run_id=run_id)
     logger = ModelLogger("fl_lightning_mlflow.common.network.CifarNet", "registered-once")
     tags = {"job_id": "simulate_job", JOB_UID_TAG: "uid-1", "model": "best_global_model", "round": "1"}
-    uri_of = f"models:/{model.model_id}"
     previous = tracking_utils._tracking_uri  # None unless a test set it: then back to the environment
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # restored after the test
     mlflow.set_tracking_uri(uri)  # the registry resolves models:/ URIs with the global one; ModelLogger.log sets it
     try:
-        logger.register(client, uri_of, run_id, tags)
-        logger.register(client, uri_of, run_id, tags)  # retried after a lost reply: found, not registered again
-        logger.register(client, uri_of, run_id, {**tags, JOB_UID_TAG: "uid-2"})  # another job start
+        logger.register(client, model.model_id, run_id, tags, "champion")
+        logger.register(client, model.model_id, run_id, tags, "champion")  # retried after a lost reply: found
+        logger.register(client, model.model_id, run_id, {**tags, JOB_UID_TAG: "uid-2"}, "champion")  # another job
     finally:
         mlflow.set_tracking_uri(previous)
     versions = client.search_model_versions("name='registered-once'")
     assert sorted(v.tags[JOB_UID_TAG] for v in versions) == ["uid-1", "uid-2"]
     assert all(v.tags["round"] == "1" and v.run_id == run_id for v in versions)
+    assert client.get_model_version_by_alias("registered-once", "champion").tags[JOB_UID_TAG] == "uid-2"
 
 
 @pytest.fixture

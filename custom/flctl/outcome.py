@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fl_lightning_mlflow.common.protocol import PARENT_RUN_KEY as PARENT_KEY
-from fl_lightning_mlflow.common.protocol import STATS_FILE
+from fl_lightning_mlflow.common.protocol import REGISTERED_MODEL_STATS_KEY, STATS_FILE
 
 MODEL_FILE = "FL_global_model.pt"
 BEST_MODEL_FILE = "best_FL_global_model.pt"
@@ -33,6 +33,13 @@ class Outcome:
     @property
     def written(self) -> int:
         return sum((self.stats or {}).get("written", {}).values())
+
+    @property
+    def champion_uri(self) -> str | None:
+        """models:/NAME@champion when the tracker registered the job's best model, else None."""
+        registered = (self.stats or {}).get(REGISTERED_MODEL_STATS_KEY) or {}
+        uris = registered.get("uris") if isinstance(registered, dict) else None
+        return uris.get("champion") if isinstance(uris, dict) else None
 
     @property
     def lost(self) -> int:

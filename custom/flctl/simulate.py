@@ -241,12 +241,21 @@ def report(run: Simulation, tracking_uri, started: float, what: str) -> None:
         db = run.server_dir / "mlflow.db"
         print(f"MLflow database: {db}")
         print(f"view it with:    mlflow ui --backend-store-uri sqlite:///{db}")
+        report_champion(o, f"sqlite:///{db}")
     else:
         print(f"MLflow tracking: {tracking_uri}")
         if tracking_uri.startswith("sqlite:"):
             print(f"view it with:    mlflow ui --backend-store-uri {tracking_uri}")
         else:
             print(f"view it at:      {tracking_uri}")
+        report_champion(o, tracking_uri)
+
+
+def report_champion(outcome, tracking_uri: str) -> None:
+    """The best global model's registry URI beside the mlflow ui line, and how to load it."""
+    uri = outcome.champion_uri
+    if uri:
+        print(f"best model:      {uri}  (mlflow.pytorch.load_model('{uri}') with tracking URI {tracking_uri})")
 
 
 def register(subparsers) -> None:

@@ -50,6 +50,7 @@ MAX_ITEMS_PER_EVENT = 20_000
 
 # ----- what the FL server leaves in its job folder for tooling (flctl, tests, benchmarks) -----
 STATS_FILE = "mlflow_tracking_stats.json"  # status, received / written / lost / rejected counts, run ids
+REGISTERED_MODEL_STATS_KEY = "registered_model"  # the registry name, its aliases' versions and models:/ URIs
 PARENT_RUN_KEY = "__parent__"  # the federation's run in the stats file's run_ids; sites are keyed by name
 
 
@@ -74,3 +75,20 @@ SENT_COUNTS_META = "sent_counts"
 SENT_KINDS = ("metric", "param", "tag")  # metric points (one value at one step), params, tags
 DELIVERY_STATS_KEY = "delivery"  # the stats file's per-site table: sent / received / written / refused / lost
 DELIVERY_METRIC_PREFIX = "delivery/"  # the parent run's metrics: delivery/<site>/<column>, step 0
+
+
+# ----- dataset inputs (site -> server.records -> MlflowClient.log_inputs) ---------------------
+# A site describes its training and validation data once, as an analytics TAGS event whose DXO
+# tag is DATASETS and whose value is {context: JSON text of DATASET_FIELDS}. Tags, not params: a
+# stock MLflowReceiver that gets one by mistake only sets two tags. Never samples, only counts.
+DATASETS = "datasets"
+DATASET_CONTEXTS = ("training", "validation")  # MLflow's dataset input tag mlflow.data.context
+DATASET_FIELDS = ("name", "digest", "num_samples", "label_histogram", "source")
+MAX_DATASET_DIGEST_LENGTH = 36  # MLflow's datasets.digest column
+MAX_DATASET_NAME_LENGTH = 500  # MLflow's datasets.name column
+
+# ----- system metrics (site/system_sampler -> the site's run, MLflow's own names) ------------
+# The names MLflow's own sampler (mlflow.system_metrics) uses, so the MLflow UI's System metrics
+# tab shows them; a site samples every system_metrics_seconds and sends them as metric records
+# whose step is the sample's index, as MLflow's sampler does.
+SYSTEM_PREFIX = "system/"

@@ -21,6 +21,7 @@ import uuid
 from pathlib import Path
 
 from fl_lightning_mlflow.common.protocol import MAX_PARAM_VALUE_LENGTH, MAX_TAG_VALUE_LENGTH, PARENT_RUN_KEY, STATS_FILE
+from fl_lightning_mlflow.server.dataset_inputs import dataset_input
 from fl_lightning_mlflow.server.journal import JOURNAL_DIR, save_state
 from fl_lightning_mlflow.server.model_logger import JOB_UID_TAG, ModelLogger, quoted, versions
 from fl_lightning_mlflow.server.tracking_uri import redact_uri
@@ -68,6 +69,8 @@ class MLflowSink:
             "setup": self._setup_runs,
             "child": self._create_child,
             "log_models": self._log_models,
+            "log_round_model": self._log_round_model,
+            "log_inputs": self._log_inputs,
             "log_table": self._log_table,
             "log_text": lambda client, key, text, path: client.log_text(self._run_id(key), text, path),
             "terminate": lambda client, key, status: client.set_terminated(self._run_id(key), status),
@@ -153,6 +156,16 @@ class MLflowSink:
     def text(self, run_key, text, path):
         self.queue.put(("call", "log_text", [run_key, str(text), str(path)]))
 
+    def round_model(self, path, fl_round) -> None:
+        """Round fl_round's global model, saved at path, as a LoggedModel at step fl_round (queued
+        after the round's metrics, so MLflow links them to it)."""
+        self.queue.put(("call", "log_round_model", [str(path), int(fl_round)]))
+
+    def datasets(self, site, contexts) -> None:
+        """contexts: [(context, JSON text)] checked by records.RecordChecker.datasets."""
+        if contexts:
+            self.queue.put(("call", "log_inputs", [site, [list(c) for c in contexts]]))
+
     def cross_site(self, points, rows, now):
         if rows:
             self.metrics(PARENT, points, now, step=0)
@@ -161,14 +174,17 @@ class MLflowSink:
     def finish(self, status, failure, site_status, models: tuple, flush_timeout) -> collections.Counter:
         """Queue the end (failure tag, models, statuses), write what can be written within
         flush_timeout seconds and return what could not. models: (final path, best path,
-        (round, value) or None). Never raises: the runs' statuses and the stats file must follow."""
+        (round, value) or None, the final model's step: the number of rounds done).
+        Never raises: the runs' statuses and the stats file must follow."""
         try:
             if failure:
                 self.tags(PARENT, [("failure_reason", failure)])
-            final, best, best_info = models
+            final, best, best_info, *rest = models
+            final_step = rest[0] if rest else None  # older callers: the final model is not logged
             if Path(final).is_file() or Path(best).is_file():
                 register = status == "FINISHED"
-                self.queue.put(("call", "log_models", [str(final), str(best), list(best_info or []) or None, register]))
+                best_info = list(best_info or []) or None
+                self.queue.put(("call", "log_models", [str(final), str(best), best_info, register, final_step]))
         except Exception as e:  # noqa: BLE001 - the models are optional; the statuses are not
             self.log.error(f"MLflow: could not queue the job's models: {type(e).__name__}: {e}")
         for site in self.sites:
@@ -267,12 +283,22 @@ class MLflowSink:
         columns = {name: [r[name] for r in rows] for name in ("model", "data_site", "metric", "value")}
         client.log_table(self._run_id(run_key), columns, artifact_file)
 
-    def _log_models(self, client, final_path, best_path, best_info, register):
+    def _log_models(self, client, final_path, best_path, best_info, register, final_step=None):
         parent_id, exp_id = self._run_id(PARENT), self.queue.experiment_id
         self.models.log(
             client, self.queue.tracking_uri, parent_id, self.job_id, final_path, best_path, best_info, register,
-            job_uid=self.job_uid, exp_id=exp_id,
+            job_uid=self.job_uid, exp_id=exp_id, final_step=final_step,
         )  # fmt: skip
+
+    def _log_round_model(self, client, path, fl_round):
+        parent_id, exp_id = self._run_id(PARENT), self.queue.experiment_id
+        if self.models.log_model(client, self.queue.tracking_uri, parent_id, exp_id, path, "round", fl_round):
+            Path(path).unlink(missing_ok=True)  # in MLflow now; the copy only waited for the writer
+        else:
+            self.log.warning(f"MLflow: round {fl_round}'s global model is gone ({path}); not logged")
+
+    def _log_inputs(self, client, site, contexts):
+        client.log_inputs(self._run_id(site), datasets=[dataset_input(c, text) for c, text in contexts])
 
     # ----- the account ---------------------------------------------------------------------------
     def report(self, status, failure, lost, records, timings: dict, extra: dict | None = None) -> tuple:
@@ -293,6 +319,8 @@ class MLflowSink:
                     "dead_letter": str(queue.dead_letter_file) if queue.dead_letter_file.exists() else None,
                     "quarantined": queue.stats["quarantined"],  # unreadable journal lines, kept aside
                     "rejected": dict(records.rejected),
+                    # site -> system/ points received: monitoring, outside the delivery table
+                    "system_metrics": dict(getattr(records, "system_received", {})),
                     "truncated": dict(records.truncated),
                     "write_failures": queue.stats["failures"],
                     "spilled": queue.stats["spilled"],

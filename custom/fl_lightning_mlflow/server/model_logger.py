@@ -1,9 +1,16 @@
-"""The global models in MLflow: the final and best as PyTorch models, the best registered.
+"""The global models in MLflow: LoggedModels on the parent run, the best and final registered.
+
+Every global model is a LoggedModel named MODEL_NAME on the parent run with step = its round, so
+the parent run's metrics at that step (the round's global metrics, which measured that very
+model) are linked to it; which rounds are logged is the tracker's log_models policy
+(server.model_policy). At job end the best and the final models are registered: the best under
+the alias `champion`, the final under `final` (MLflow reserves `latest`), so
+`models:/NAME@champion` always loads the best model of the newest finished job.
 
 Runs in the write queue's thread as one of the sink's actions, and is retried whole when it
-fails on the way: a logged model is looked up by its run and name before it is logged again,
-and a model version by its tags before one is registered (the tags go with the registration
-request, so no retry can leave an untagged version behind).
+fails on the way: a logged model is looked up by its run, kind and step before it is logged
+again, and a model version by its tags before one is registered (the tags go with the
+registration request, so no retry can leave an untagged version behind).
 """
 
 import importlib
@@ -33,13 +40,22 @@ def versions() -> dict:
     return out
 
 
+MODEL_NAME = "global_model"  # every global model of a job is a LoggedModel of this name, its step the round
+ROUND_TAG = "fl_round"  # the round whose received global model it is (the step of its linked metrics)
+KIND_TAG = "fl_model"  # "round": a round's global model; "final": the model after the last round
+CHAMPION_ALIAS = "champion"  # the best global model's registered version
+FINAL_ALIAS = "final"  # the final global model's version ("latest" is reserved by MLflow's registry)
+
+
 class ModelLogger:
-    """Writer thread: the final and best global models as MLflow PyTorch models, the best registered."""
+    """Writer thread: global models as MLflow LoggedModels on the parent run (step = round, the
+    round's metrics linked), the best and the final registered under the aliases champion and final."""
 
     def __init__(self, model_class_path: str, registered_model_name: str):
         self.model_class_path = model_class_path
         self.registered_model_name = registered_model_name
-        self.logged: set = set()  # a retried call skips what an earlier attempt logged
+        self.logged: dict = {}  # (kind, step) -> model id: a retried call skips what an earlier attempt logged
+        self.aliases: dict = {}  # alias -> registered version, for the stats file (flctl prints the URI)
 
     def load(self, path) -> tuple:
         """(the network with the saved weights, the directory to ship as code_paths)."""
@@ -53,6 +69,59 @@ class ModelLogger:
         # code_paths takes the whole top-level package, so the pickled class imports where the model loads
         return net.eval(), str(Path(sys.modules[module.partition(".")[0]].__file__).parent)
 
+    def log_model(self, client, tracking_uri, parent_id, exp_id, path, kind: str, step: int) -> str | None:
+        """The LoggedModel of this kind and step on the parent run: found if an earlier attempt
+        logged it, else logged from the weights in `path` (None if there are none). MLflow links
+        the parent run's metrics at `step` to it (Model.log does, for a run_id and step)."""
+        import mlflow
+        import mlflow.pytorch
+        import numpy as np
+
+        key = (kind, int(step))
+        if key in self.logged:
+            return self.logged[key]
+        exp_id = exp_id or client.get_run(parent_id).info.experiment_id
+        model_id = self.find(client, exp_id, parent_id, kind, step)
+        if model_id is None:
+            if not Path(path).is_file():
+                return None
+            mlflow.set_tracking_uri(tracking_uri)  # the fluent API the flavour logs through
+            net, code = self.load(path)
+            # Made here, in the job's experiment: without an active run, the flavour would make it
+            # in the fluent API's current experiment (Default), artifacts and all.
+            tags = {KIND_TAG: kind, ROUND_TAG: str(int(step))}
+            pending = client.create_logged_model(exp_id, name=MODEL_NAME, source_run_id=parent_id, tags=tags)
+            model_id = mlflow.pytorch.log_model(
+                net,
+                name=MODEL_NAME,
+                model_id=pending.model_id,
+                run_id=parent_id,  # no fluent run: the parent run stays RUNNING
+                step=int(step),
+                code_paths=[code],
+                input_example=np.zeros((1, 3, 32, 32), dtype=np.float32),
+                pip_requirements=[f"torch=={metadata.version('torch')}"],
+                serialization_format="pickle",  # a plain nn.Module: any batch size, code_paths bring the class
+            ).model_id
+        self.logged[key] = model_id
+        return model_id
+
+    def find(self, client, exp_id, run_id, kind, step) -> str | None:
+        """The READY model of this kind and step an earlier attempt logged on this run, if any."""
+        if exp_id is None:
+            return None
+        try:
+            query = f"source_run_id = {quoted(run_id)} AND name = {quoted(MODEL_NAME)}"
+            found = client.search_logged_models(experiment_ids=[exp_id], filter_string=query)
+        except Exception as e:
+            if refusal(e) is None:
+                raise  # network trouble: the whole action is retried
+            return None  # a store that cannot search this way: logging is still right on a first attempt
+        for model in found:
+            tags = model.tags or {}
+            if str(model.status) == "READY" and tags.get(KIND_TAG) == kind and tags.get(ROUND_TAG) == str(int(step)):
+                return model.model_id
+        return None
+
     def log(
         self,
         client,
@@ -65,71 +134,56 @@ class ModelLogger:
         register,
         job_uid="",
         exp_id=None,
+        final_step=None,
     ):
-        """Log both models on the parent run and register the best. Retried whole after a
-        failure, so each step first looks for what an earlier attempt (or a lost reply) did."""
-        import mlflow
-        import mlflow.pytorch
-        import numpy as np
+        """At job end: the best round's model (unless that round's is logged already) and the final
+        one; with register, each registered and aliased. Retried whole after a failure, so each step
+        first looks for what an earlier attempt (or a lost reply) did."""
+        best_id = final_id = None
+        if best_info:
+            best_id = self.log_model(client, tracking_uri, parent_id, exp_id, best_path, "round", best_info[0])
+        if final_step is not None:
+            final_id = self.log_model(client, tracking_uri, parent_id, exp_id, final_path, "final", final_step)
+        if not register:
+            return
+        tags = {"job_id": job_id, JOB_UID_TAG: job_uid}
+        if best_id:
+            best_tags = {**tags, "model": "best_global_model", "round": str(best_info[0])}
+            best_tags["key_metric_value"] = str(best_info[1])
+            self.register(client, best_id, parent_id, best_tags, CHAMPION_ALIAS)
+        if final_id:
+            final_tags = {**tags, "model": "final_global_model", "round": str(final_step)}
+            self.register(client, final_id, parent_id, final_tags, FINAL_ALIAS)
 
-        mlflow.set_tracking_uri(tracking_uri)
-        example = np.zeros((1, 3, 32, 32), dtype=np.float32)
-        with mlflow.start_run(run_id=parent_id):
-            for name, path in (("final_global_model", final_path), ("best_global_model", best_path)):
-                if name in self.logged or not Path(path).is_file():
-                    continue
-                model_uri = self.logged_model_uri(client, exp_id, parent_id, name)
-                if model_uri is None:
-                    net, code = self.load(path)
-                    model_uri = mlflow.pytorch.log_model(
-                        net,
-                        name=name,
-                        code_paths=[code],
-                        input_example=example,
-                        pip_requirements=[f"torch=={metadata.version('torch')}"],
-                        serialization_format="pickle",  # a plain nn.Module: any batch size, code_paths bring the class
-                    ).model_uri
-                if name == "best_global_model" and register:
-                    tags = {"job_id": job_id, JOB_UID_TAG: job_uid, "model": name}
-                    if best_info:
-                        tags.update(round=str(best_info[0]), key_metric_value=str(best_info[1]))
-                    self.register(client, model_uri, parent_id, tags)
-                self.logged.add(name)
-
-    @staticmethod
-    def logged_model_uri(client, exp_id, run_id, name) -> str | None:
-        """The model an earlier attempt logged on this run under this name, if it completed."""
-        if exp_id is None:
-            return None
-        try:
-            found = client.search_logged_models(
-                experiment_ids=[exp_id], filter_string=f"source_run_id = {quoted(run_id)} AND name = {quoted(name)}"
-            )
-        except Exception as e:
-            if refusal(e) is None:
-                raise  # network trouble: the whole action is retried
-            return None  # a store that cannot search this way: logging is still right on a first attempt
-        ready = [m for m in found if str(m.status) == "READY"]
-        return f"models:/{ready[0].model_id}" if ready else None
-
-    def register(self, client, model_uri, run_id, tags):
-        """One registered version per job: tags are set at registration (no window between
-        registering and tagging), and a version carrying this job's tags is reused."""
-
+    def register(self, client, model_id, run_id, tags, alias) -> None:
+        """One registered version per job and model (tags set at registration, so no window between
+        registering and tagging; a version carrying this job's tags is reused), then its alias."""
         name = self.registered_model_name
         query = f"name = {quoted(name)} AND tags.{JOB_UID_TAG} = {quoted(tags[JOB_UID_TAG])}"
         query += f" AND tags.model = {quoted(tags['model'])}"
+        found = []
         try:
-            if client.search_model_versions(query):
-                return
+            found = client.search_model_versions(query)
         except Exception as e:
             if refusal(e) is None:
                 raise  # network trouble: the whole action is retried
             # A registry that cannot search by tags: registering is still right on a first attempt.
-        try:
-            client.create_registered_model(name)
-        except MlflowException as e:
-            if e.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-        model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/") else None
-        client.create_model_version(name, model_uri, run_id=run_id, tags=tags, model_id=model_id)
+        if found:
+            version = found[0].version
+        else:
+            try:
+                client.create_registered_model(name)
+            except MlflowException as e:
+                if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            version = client.create_model_version(
+                name, f"models:/{model_id}", run_id=run_id, tags=tags, model_id=model_id
+            ).version
+        client.set_registered_model_alias(name, alias, version)  # moves the alias from an earlier job's version
+        self.aliases[alias] = str(version)
+
+    def registered(self) -> dict:
+        """For the stats file: {"name", "aliases": {alias: version}, "uris": {alias: models:/NAME@alias}}."""
+        name = self.registered_model_name
+        uris = {alias: f"models:/{name}@{alias}" for alias in self.aliases}
+        return {"name": name, "aliases": dict(self.aliases), "uris": uris}

@@ -14,8 +14,10 @@ from fl_lightning_mlflow.common.protocol import (
     MAX_ITEMS_PER_EVENT,
     MAX_PARAM_VALUE_LENGTH,
     MAX_TAG_VALUE_LENGTH,
+    SYSTEM_PREFIX,
     check_key,
 )
+from fl_lightning_mlflow.server.dataset_inputs import problem_of
 
 LIMITS = {"param": MAX_PARAM_VALUE_LENGTH, "tag": MAX_TAG_VALUE_LENGTH}
 
@@ -33,6 +35,9 @@ class RecordChecker:
         """warn: called once per distinct problem with one line (e.g. the component's logger)."""
         self.warn = warn
         self.received = collections.defaultdict(collections.Counter)  # site -> kind -> accepted
+        # site -> system metric points accepted: monitoring, kept out of delivery accounting (sites
+        # do not count them in their task results: samples go on after the last one)
+        self.system_received = collections.Counter()
         self.rejected = collections.Counter()  # "site: what" -> times
         # site -> items refused (values of a refused record, not records): what delivery
         # accounting (server.delivery) subtracts from what a site sent before calling it lost
@@ -72,7 +77,10 @@ class RecordChecker:
         if step is None:  # no step given: count up per name rather than pile every point on 0
             step = self._auto_step[(site, key)]
             self._auto_step[(site, key)] += 1
-        self.received[site]["metric"] += 1
+        if key.startswith(SYSTEM_PREFIX):
+            self.system_received[site] += 1
+        else:
+            self.received[site]["metric"] += 1
         return key, float(value), int(step)
 
     def texts(self, site: str, item: str, values: dict) -> list:
@@ -86,6 +94,21 @@ class RecordChecker:
                 continue
             self.received[site][item] += 1
             accepted.append((key, self._bounded(site, item, key, value)))
+        return accepted
+
+    def datasets(self, site: str, values) -> list:
+        """A DATASETS record's value {context: JSON text}; returns the [(context, text)] that
+        can be dataset inputs; each refused one is counted and its reason logged once."""
+        if not isinstance(values, dict):
+            self.reject(site, "datasets record", None, "is not {context: JSON text}")
+            return []
+        accepted = []
+        for context, text in list(values.items())[:MAX_ITEMS_PER_EVENT]:
+            problem = problem_of(context, text)
+            if problem:
+                self.reject(site, "dataset", None, problem, items=0)  # not counted as sent: not a point
+            else:  # not in `received`: delivery accounting counts points, params and tags only
+                accepted.append((context, text))
         return accepted
 
     def _bounded(self, site, item, key, value) -> str:

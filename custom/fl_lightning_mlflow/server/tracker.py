@@ -18,27 +18,38 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 from nvflare.apis.analytix import AnalyticsData, AnalyticsDataType, LogWriterName
 from nvflare.apis.dxo import DataKind, MetaKey, from_shareable
 from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_constant import FLContextKey, ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
+from nvflare.app_common.abstract.model import ModelLearnableKey
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.widgets.intime_model_selector import IntimeModelSelector
 from nvflare.app_opt.tracking.mlflow.mlflow_receiver import MLflowReceiver
 
-from fl_lightning_mlflow.common.protocol import DELIVERY_STATS_KEY, RECORDS_KWARG, SENT_COUNTS_META
+from fl_lightning_mlflow.common.protocol import (
+    DATASETS,
+    DELIVERY_STATS_KEY,
+    RECORDS_KWARG,
+    REGISTERED_MODEL_STATS_KEY,
+    SENT_COUNTS_META,
+)
 from fl_lightning_mlflow.server.delivery import DeliveryLedger
 from fl_lightning_mlflow.server.mlflow_sink import PARENT, MLflowSink
 from fl_lightning_mlflow.server.model_logger import ModelLogger
+from fl_lightning_mlflow.server.model_policy import ModelPolicy
 from fl_lightning_mlflow.server.records import RecordChecker
 from fl_lightning_mlflow.server.recovery import recover_workspace
+from fl_lightning_mlflow.server.round_timings import RoundTimings, update_bytes
 from fl_lightning_mlflow.server.summary import FederationSummary
 from fl_lightning_mlflow.server.tracking_uri import TrackingConfigError, check_server, check_tracking_uri, redact_uri
 
 METRIC_TYPES = (AnalyticsDataType.METRICS, AnalyticsDataType.METRIC, AnalyticsDataType.SCALAR)
+ROUND_MODELS_DIR = "mlflow_round_models"  # in the job's run folder: round models waiting for the writer
 TEXT_ITEMS = {AnalyticsDataType.PARAMETERS: "param", AnalyticsDataType.PARAMETER: "param",
               AnalyticsDataType.TAGS: "tag", AnalyticsDataType.TAG: "tag"}  # fmt: skip
 
@@ -50,7 +61,7 @@ class FederatedMLflowTracker(MLflowReceiver):
                  max_memory_items: int = 200_000, retry_initial: float = 0.5, retry_max: float = 15.0,
                  final_flush_timeout: float = 120.0, http_request_max_retries: int = 2, http_request_timeout: int = 10,
                  model_selector_id: str = "model_selector", journal_sync_seconds: float = 1.0,
-                 recover_orphans: bool = True):  # fmt: skip
+                 recover_orphans: bool = True, log_models: str = "best_and_final"):  # fmt: skip
         """Args are set in config_fed_server.json.
 
         tracking_uri: None or "" = sqlite mlflow.db in the server's job workspace; or
@@ -72,6 +83,9 @@ class FederatedMLflowTracker(MLflowReceiver):
             the machine loses at most this window; a crash of the FL server process, nothing).
         recover_orphans: at job start, recover (in the background) the tracking of earlier jobs
             on this FL server whose process died (their journals in the server's workspace).
+        log_models: which rounds' global models become MLflow LoggedModels (server.model_policy):
+            "best_and_final" (default), "every_round" or "every_k:<k>"; the best and the final are
+            always logged, and registered with the aliases champion and final.
         """
         super().__init__(tracking_uri=tracking_uri or None, kw_args=kw_args, events=events)
         self.experiment_name = self.kw_args.get("experiment_name") or "hello-lightning-mlflow"
@@ -81,6 +95,9 @@ class FederatedMLflowTracker(MLflowReceiver):
             if not isinstance(self.kw_args.get(key, {}), dict):
                 raise TrackingConfigError(f"kw_args.{key} must be an object of tag names to values")
         self.models = ModelLogger(model_class_path, registered_model_name or self.experiment_name)
+        self.model_policy = ModelPolicy.parse(log_models)
+        self.round_timings = RoundTimings()
+        self.round_weights = None  # (round, a copy of the global weights the sites received in it)
         self.fl_params = fl_params or {}
         self.promote_params = list(promote_params or [])
         self.description = description
@@ -128,14 +145,22 @@ class FederatedMLflowTracker(MLflowReceiver):
                 self.delivery.report(*counts)
         elif event_type == AppEventType.ROUND_STARTED:
             self.summary.num_rounds = fl_ctx.get_prop(AppConstants.NUM_ROUNDS, self.summary.num_rounds)
+            self.round_timings.start()
+            fl_round = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
+            # A copy: the shareable generator updates the global weights in place after aggregation.
+            logged = self.model_policy.logs_round(fl_round)
+            self.round_weights = (fl_round, global_weights_of(fl_ctx)) if logged else None
         elif event_type == AppEventType.BEFORE_CONTRIBUTION_ACCEPT:
             contribution = contribution_of(fl_ctx)
             if contribution:
                 self.summary.add_contribution(*contribution)
+            self.round_timings.accepted(update_size_of(fl_ctx))
         elif event_type == AppEventType.ROUND_DONE:
             fl_round = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
-            self.sink.metrics(PARENT, self.summary.close_round(fl_round), _now(), step=fl_round)
+            points = self.summary.close_round(fl_round) + self.round_timings.done()
+            self.sink.metrics(PARENT, points, _now(), step=fl_round)
             self.sink.round_done(fl_round)  # in the journal's state: recovery names the last completed round
+            self._queue_round_model(fl_round)
         elif event_type == AppEventType.GLOBAL_BEST_MODEL_AVAILABLE:
             self.summary.set_best(
                 fl_ctx.get_prop(AppConstants.CURRENT_ROUND), fl_ctx.get_prop(AppConstants.VALIDATION_RESULT)
@@ -146,6 +171,23 @@ class FederatedMLflowTracker(MLflowReceiver):
                 self.summary.add_cross_site(*result)
         elif event_type == EventType.FATAL_SYSTEM_ERROR:
             self.summary.fail(fl_ctx.get_prop(FLContextKey.EVENT_DATA, "fatal system error"))
+
+    def _queue_round_model(self, fl_round) -> None:
+        """The weights copied at the round's start, saved beside the journal (the queue carries
+        the path, not megabytes) and queued after the round's metrics, which MLflow links to it."""
+        if not self.round_weights or self.round_weights[0] != fl_round or self.round_weights[1] is None:
+            return
+        import torch
+
+        folder = self.sink.run_dir / ROUND_MODELS_DIR
+        try:
+            folder.mkdir(exist_ok=True)
+            path = folder / f"round_{fl_round}.pt"
+            torch.save({k: torch.as_tensor(v) for k, v in self.round_weights[1].items()}, path)
+            self.sink.round_model(path, fl_round)
+        except Exception as e:  # noqa: BLE001 - a round's model is optional; training and tracking go on
+            self.logger.warning(f"MLflow: round {fl_round}'s global model not logged: {type(e).__name__}: {e}")
+        self.round_weights = None
 
     # ----- start ----------------------------------------------------------------------------
     def _tracking_server_accepts(self, fl_ctx: FLContext) -> bool:
@@ -211,7 +253,9 @@ class FederatedMLflowTracker(MLflowReceiver):
         self.sink.add_site(site)
         kind = data.data_type
         values = data.value if isinstance(data.value, dict) else {data.tag: data.value}
-        if kind in METRIC_TYPES:
+        if data.tag == DATASETS and kind in TEXT_ITEMS:  # before tags: a site's dataset inputs
+            self.sink.datasets(site, self.records.datasets(site, data.value))
+        elif kind in METRIC_TYPES:
             records = (data.kwargs or {}).get(RECORDS_KWARG)  # FlareLogger's batch: [[step, round, values], ...]
             if not isinstance(records, list):
                 records = [[data.step, None, values]]
@@ -253,7 +297,9 @@ class FederatedMLflowTracker(MLflowReceiver):
         left = max(0.0, deadline - time.monotonic())
         if drained:  # MLflow keeps up: the models and run ends still get a fair chance to be written
             left = max(left, min(30.0, self.final_flush_timeout))
-        models = (self.app_dir / "FL_global_model.pt", self.app_dir / "best_FL_global_model.pt", self.summary.best)
+        rounds_done = None if self.sink.last_round is None else self.sink.last_round + 1
+        models = (self.app_dir / "FL_global_model.pt", self.app_dir / "best_FL_global_model.pt", self.summary.best,
+                  rounds_done)  # fmt: skip
         lost = self.sink.finish(status, failure, site_status, models, left)
         # The final delivery account (after finish: what the last wait still wrote counts) goes
         # into the stats file with the rest, in the one write.
@@ -263,6 +309,8 @@ class FederatedMLflowTracker(MLflowReceiver):
             self.log_warning(fl_ctx, f"delivery: no account: {type(e).__name__}: {e}")
             table = None
         extra = {DELIVERY_STATS_KEY: table} if table is not None else {}
+        if self.models.aliases:
+            extra[REGISTERED_MODEL_STATS_KEY] = self.models.registered()
         complete, message = self.sink.report(status, failure, lost, self.records, self.timings, extra)
         (self.log_info if complete else self.log_error)(fl_ctx, message)
         if table is not None:
@@ -297,6 +345,25 @@ def contribution_of(fl_ctx: FLContext) -> tuple | None:
         dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND, 1.0),  # read as the model selector reads it
         fl_ctx.get_prop(AppConstants.CURRENT_ROUND),
     )
+
+
+def global_weights_of(fl_ctx: FLContext) -> dict | None:
+    """A copy of the global model's weights ({name: array}) in the workflow's context, or None."""
+    learnable = fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)
+    weights = learnable.get(ModelLearnableKey.WEIGHTS) if isinstance(learnable, dict) else None
+    if not isinstance(weights, dict) or not weights:
+        return None
+    return {k: np.array(v, copy=True) for k, v in weights.items()}
+
+
+def update_size_of(fl_ctx: FLContext) -> int:
+    """The bytes of the update in the train result being accepted (0 if there is none)."""
+    peer_ctx = fl_ctx.get_peer_context()
+    shareable = peer_ctx.get_prop(FLContextKey.SHAREABLE) if peer_ctx else None
+    try:
+        return update_bytes(from_shareable(shareable)) if shareable is not None else 0
+    except (ValueError, TypeError, KeyError):
+        return 0
 
 
 def sent_counts_of(fl_ctx: FLContext) -> tuple | None:

@@ -32,7 +32,12 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from fl_lightning_mlflow.common.protocol import MAX_METRICS_PER_BATCH, MAX_PARAMS_PER_BATCH, MAX_TAGS_PER_BATCH
+from fl_lightning_mlflow.common.protocol import (
+    MAX_METRICS_PER_BATCH,
+    MAX_PARAMS_PER_BATCH,
+    MAX_TAGS_PER_BATCH,
+    SYSTEM_PREFIX,
+)
 from fl_lightning_mlflow.server.journal import Journal, JournalWriteError, read_cursor
 from fl_lightning_mlflow.server.tracking_uri import redact_uri
 from fl_lightning_mlflow.server.write_errors import Refused, RunNotReady, refusal
@@ -213,7 +218,8 @@ class WriteQueue:
                     continue
                 item = head[i][1]
                 self.stats[f"{result}_{item[0]}"] += 1
-                if item[0] in POINT_KINDS:
+                if item[0] in POINT_KINDS and not (item[0] == "metric" and str(item[2]).startswith(SYSTEM_PREFIX)):
+                    # system/ points are monitoring, outside delivery accounting (records.RecordChecker)
                     (self.written_by_run if result == "written" else self.refused_by_run)[item[1]] += 1
             self._memory.extendleft(reversed(keep))
             self._cond.notify_all()

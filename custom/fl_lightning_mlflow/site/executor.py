@@ -50,6 +50,7 @@ from nvflare.app_common.app_constant import AlgorithmConstants, AppConstants
 
 from fl_lightning_mlflow.common.protocol import (
     ANALYTIC_EVENT_TYPE,
+    DATASETS,
     GLOBAL_PREFIX,
     METRICS_BATCH,
     PARAMS,
@@ -58,8 +59,10 @@ from fl_lightning_mlflow.common.protocol import (
     SENT_COUNTS_META,
     VAL_SAMPLES_META,
 )
+from fl_lightning_mlflow.site.dataset_info import site_datasets
 from fl_lightning_mlflow.site.engine import SiteContext, SiteEngine, TaskAborted, is_int
 from fl_lightning_mlflow.site.flare_logger import FlareLogger, SentCounter
+from fl_lightning_mlflow.site.system_sampler import SystemSampler, check_interval
 from fl_lightning_mlflow.site.threads import torch_threads
 
 STATE_FILE = "site_state.json"  # survives a simulator worker that is restarted between tasks
@@ -137,11 +140,14 @@ class SiteExecutor(Executor):
         train_task_name: str = AppConstants.TASK_TRAIN,
         validate_task_name: str = AppConstants.TASK_VALIDATION,
         submit_model_task_name: str = AppConstants.TASK_SUBMIT_MODEL,
+        system_metrics_seconds: float = 10.0,
     ):
         """Args are set in config_fed_client.json.
 
         engine_id: the id of the training engine component (a site.engine.SiteEngine).
         threads_per_site: torch threads; 0 = usable cores / sites sharing this host (site.threads).
+        system_metrics_seconds: sample CPU, memory and GPU use this often and stream it to the
+            site's run under MLflow's system/ names (site.system_sampler); 0 = off.
         """
         super().__init__()
         if not isinstance(engine_id, str) or not engine_id:
@@ -155,6 +161,9 @@ class SiteExecutor(Executor):
         ):
             if not isinstance(value, str) or not value:
                 raise ValueError(f"SiteExecutor: {name} must be a task name, got {value!r}")
+        self.system_metrics_seconds = check_interval("SiteExecutor", system_metrics_seconds)
+        self.sampler: SystemSampler | None = None
+        self.datasets_sent = False
         self.engine_id = engine_id
         self.threads_per_site = threads_per_site
         self.task_names = (train_task_name, validate_task_name, submit_model_task_name)
@@ -177,9 +186,16 @@ class SiteExecutor(Executor):
                 # carry on if min_clients can still be met, else end the job with this reason.
                 self.setup_error = str(e)
                 self.log_error(fl_ctx, self.setup_error)
-        elif event_type == EventType.END_RUN and self.engine is not None and not self.setup_error:
+            else:
+                self._start_sampler(fl_ctx)
+        elif event_type == EventType.END_RUN and self.sampler is not None:
+            self.sampler.stop()
+            self._save_state()  # the sample index, for a restarted process
+        if event_type == EventType.END_RUN and self.engine is not None and not self.setup_error:
             # The sending side's count, to compare with what reaches MLflow (this process's).
             self.log_info(fl_ctx, f"{self.site}: sent {self.engine.points_sent} metric points")
+            if self.sampler is not None:  # apart: the last samples may leave as the server stops listening
+                self.log_info(fl_ctx, f"{self.site}: sent {self.sampler.points_sent} system metric points")
             # The cumulative counts again: they include what was sent after the last task result,
             # which the server never hears of otherwise (no task result follows END_RUN).
             self.log_info(fl_ctx, f"{self.site}: sent counts at job end {self.sent.snapshot()}")
@@ -226,23 +242,63 @@ class SiteExecutor(Executor):
             f"{training.describe()}; {threads} torch thread(s)",
         )
 
+    def _streaming(self) -> bool:
+        """Whether the engine streams to the server at all (an engine's tracking=false: nothing)."""
+        args = getattr(self.engine, "args", None)
+        return bool(getattr(args, "tracking", True))
+
+    def _start_sampler(self, fl_ctx: FLContext) -> None:
+        if self.system_metrics_seconds <= 0 or not self._streaming():
+            return
+        flare_engine = fl_ctx.get_engine()
+
+        def send_records(records):
+            # Off the task's thread: a FLARE context of its own, so samples go out between tasks too.
+            # Not in the sent counts: samples keep coming after a site's last task result, and the
+            # very last may leave as the server stops listening; delivery accounting covers the
+            # training records (the server leaves system/ points out of it too).
+            self._send_analytics(METRICS_BATCH, records, None, None, fl_ctx=flare_engine.new_context())
+
+        saved = self._saved_state().get("system_step", 0)
+        self.sampler = SystemSampler(self.system_metrics_seconds, send_records, start_step=saved,
+                                     warn=self.logger.warning)  # fmt: skip
+        self.sampler.start()
+
+    def _send_datasets(self) -> None:
+        """The site's training and validation data as dataset inputs of its run, once per process
+        (MLflow keeps one input per digest and context, so a restarted site sending again is harmless)."""
+        data = getattr(self.engine, "data", None)
+        if self.datasets_sent or data is None or getattr(data, "train_set", None) is None or not self._streaming():
+            return
+        self.datasets_sent = True
+        self._send_analytics(DATASETS, site_datasets(self.site, data, self.engine.args.data_root), None, None)
+
+    def _saved_state(self) -> dict:
+        state = self.app_dir / STATE_FILE if self.app_dir else None
+        return json.loads(state.read_text()) if state is not None and state.is_file() else {}
+
     def _save_state(self):
         state = dict(
             engine=self.engine.state_dict(), best_local_acc=self.best_local_acc, sent_counts=self.sent.snapshot()
         )
+        if self.sampler is not None:
+            state["system_step"] = self.sampler.step
         (self.app_dir / STATE_FILE).write_text(json.dumps(state))
 
-    def _send_analytics(self, kind: str, values, step, fl_round):
-        """The engines' sender: one analytics record as one FLARE event (common.protocol)."""
+    def _send_analytics(self, kind: str, values, step, fl_round, fl_ctx: FLContext | None = None):
+        """The engines' sender: one analytics record as one FLARE event (common.protocol), in
+        the running task's context unless given one."""
         kwargs = {"global_step": step} if step is not None else {}
         if fl_round is not None:
             kwargs["round"] = fl_round
         if kind == METRICS_BATCH:  # the records ride in kwargs; value is the last one, for plain receivers
             kwargs[RECORDS_KWARG] = values
             values = values[-1][2]
-        data_type = AnalyticsDataType.PARAMETERS if kind == PARAMS else AnalyticsDataType.METRICS
+        data_type = {PARAMS: AnalyticsDataType.PARAMETERS, DATASETS: AnalyticsDataType.TAGS}.get(
+            kind, AnalyticsDataType.METRICS
+        )
         dxo = create_analytic_dxo(tag=kind, value=values, data_type=data_type, writer=LogWriterName.MLFLOW, **kwargs)
-        send_analytic_dxo(self, dxo=dxo, fl_ctx=self._fl_ctx, event_type=ANALYTIC_EVENT_TYPE)
+        send_analytic_dxo(self, dxo=dxo, fl_ctx=fl_ctx or self._fl_ctx, event_type=ANALYTIC_EVENT_TYPE)
 
     # ----- tasks -----------------------------------------------------------------------
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
@@ -276,6 +332,7 @@ class SiteExecutor(Executor):
         self.log_info(fl_ctx, f"round {fl_round}: training starts")
         task = TrainTask.of(from_shareable(shareable))
         global_weights = task.weights
+        self._send_datasets()
         if task.controls is not None and not self.engine.supports_scaffold:
             self.log_error(
                 fl_ctx,

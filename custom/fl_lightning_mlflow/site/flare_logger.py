@@ -13,6 +13,7 @@ params, in chunks MLflow accepts.
 """
 
 import collections
+import threading
 import time
 from argparse import Namespace
 from collections.abc import Callable, Mapping
@@ -145,16 +146,23 @@ class SentCounter:
     def __init__(self, start: Mapping | None = None):
         """start: the counts an earlier process of this site reported (its state file)."""
         self.counts = collections.Counter()
+        # The system-metrics thread counts beside the task's: += on a Counter is not atomic.
+        self._lock = threading.Lock()
         for kind, n in (start or {}).items():
             if kind in SENT_KINDS and isinstance(n, int) and not isinstance(n, bool) and n > 0:
                 self.counts[kind] = n
 
     def snapshot(self) -> dict:
         """{kind: count} for every kind, as the task result carries it (JSON-able, a copy)."""
-        return {kind: self.counts[kind] for kind in SENT_KINDS}
+        with self._lock:
+            return {kind: self.counts[kind] for kind in SENT_KINDS}
 
     def record(self, kind: str, values) -> None:
         """Count one sender call: METRICS {name: value}, METRICS_BATCH [[step, round, {..}]], PARAMS {..}."""
+        with self._lock:
+            self._record(kind, values)
+
+    def _record(self, kind: str, values) -> None:
         if kind == METRICS:
             self.counts["metric"] += len(values)
         elif kind == METRICS_BATCH:

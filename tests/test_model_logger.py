@@ -1,0 +1,80 @@
+"""Global models as MLflow LoggedModels (step = round, the round's metrics linked), the best and
+the final registered under the aliases champion and final, against a real SQLite store."""
+
+import time
+
+import mlflow
+import mlflow.pytorch
+import pytest
+import torch
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+from mlflow.tracking._tracking_service import utils as tracking_utils
+
+from fl_lightning_mlflow.common.network import CifarNet
+from fl_lightning_mlflow.server.model_logger import CHAMPION_ALIAS, FINAL_ALIAS, JOB_UID_TAG, MODEL_NAME, ModelLogger
+
+NAME = "test-global"
+
+
+@pytest.fixture
+def parent(tmp_path, monkeypatch):
+    """A parent run with two rounds of global metrics, and the global weights of rounds 1 and 2."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("job", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric("global_val_acc", 0.3 + r / 10, now, r) for r in range(2)])
+    paths = {}
+    for r in (1, 2):
+        torch.manual_seed(r)
+        paths[r] = tmp_path / f"round_{r}.pt"
+        torch.save(CifarNet().state_dict(), paths[r])
+    previous = tracking_utils._tracking_uri
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # restored after the test
+    yield uri, client, experiment, run_id, paths
+    mlflow.set_tracking_uri(previous)  # ModelLogger sets the fluent API's URI
+
+
+def test_round_models_the_champion_and_the_final_model(parent):
+    uri, client, experiment, run_id, paths = parent
+    logger = ModelLogger("fl_lightning_mlflow.common.network.CifarNet", NAME)
+    round_1 = logger.log_model(client, uri, run_id, experiment, paths[1], "round", 1)
+    again = ModelLogger(logger.model_class_path, NAME)  # a retried action after a lost reply: found, not logged
+    assert again.log_model(client, uri, run_id, experiment, paths[1], "round", 1) == round_1
+    assert logger.log_model(client, uri, run_id, experiment, "/nonexistent.pt", "round", 0) is None
+    # At job end: the best round is round 1 (logged already), the final model comes after 2 rounds.
+    logger.log(client, uri, run_id, "job-1", paths[2], paths[1], (1, 0.4), True, job_uid="uid-1", exp_id=experiment,
+               final_step=2)  # fmt: skip
+
+    models = {m.tags["fl_model"]: m for m in client.search_logged_models(experiment_ids=[experiment])}
+    assert sorted(models) == ["final", "round"] and {m.name for m in models.values()} == {MODEL_NAME}
+    assert models["round"].model_id == round_1 and models["round"].source_run_id == run_id
+    # MLflow linked the parent run's metrics at the model's step to it: the round's global metrics.
+    assert [(m.key, m.step, m.value) for m in models["round"].metrics] == [("global_val_acc", 1, 0.4)]
+    assert not models["final"].metrics  # no round measured the final model
+    outputs = {o.model_id: o.step for o in client.get_run(run_id).outputs.model_outputs}
+    assert outputs == {round_1: 1, models["final"].model_id: 2}
+    assert client.get_run(run_id).info.status == "RUNNING"  # logging a model does not end the run
+
+    champion = client.get_model_version_by_alias(NAME, CHAMPION_ALIAS)
+    final = client.get_model_version_by_alias(NAME, FINAL_ALIAS)
+    assert champion.source == f"models:/{round_1}" and champion.tags["round"] == "1"
+    assert champion.tags[JOB_UID_TAG] == "uid-1"
+    assert final.source == f"models:/{models['final'].model_id}" and final.tags["round"] == "2"
+    assert logger.registered()["uris"] == {"champion": f"models:/{NAME}@champion", "final": f"models:/{NAME}@final"}
+    net = mlflow.pytorch.load_model(f"models:/{NAME}@champion")
+    saved = torch.load(paths[1], weights_only=True)
+    assert all(torch.equal(saved[k], v) for k, v in net.state_dict().items())  # the best round's weights
+    with torch.no_grad():
+        assert net(torch.randn(4, 3, 32, 32)).shape == (4, 10)
+
+    # The next job's best takes the alias; this job's version stays.
+    logger.log(client, uri, run_id, "job-1", paths[2], paths[1], (1, 0.4), True, job_uid="uid-1", exp_id=experiment,
+               final_step=2)  # fmt: skip
+    assert len(client.search_model_versions(f"name='{NAME}'")) == 2  # retried whole: registered once each
+    other = ModelLogger(logger.model_class_path, NAME)
+    other.register(client, round_1, run_id, {"job_id": "job-2", JOB_UID_TAG: "uid-2", "model": "best_global_model"},
+                   CHAMPION_ALIAS)  # fmt: skip
+    assert str(client.get_model_version_by_alias(NAME, CHAMPION_ALIAS).version) == "3"
