@@ -40,12 +40,9 @@ def live(offline_data):
             r.down()
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+        # Nothing of ours left: no namespace (their interfaces go with them), no hosts file.
         assert netns.ours() == [], f"namespaces left: {netns.ours()}"
-        assert (
-            not [d for d in os.listdir("/etc/netns") if d.startswith(netns.PREFIX)]
-            if os.path.isdir("/etc/netns")
-            else True
-        )
+        assert not list(netns.ETC_NETNS.glob(netns.PREFIX + "*")), "hosts files left in /etc/netns"
 
 
 def check(r, name):

@@ -601,6 +601,7 @@ def rehearse(folder, sites, rounds, epochs, timeout, compare=True, say=say) -> d
         r.up()
         r.run_job()
         r.report["job_seconds"] = round(time.monotonic() - started)
+        say(f"rehearse: hosts up, job run and downloaded in {r.report['job_seconds']} s")
         for name, check in CHECKS.items():
             ok, line = check(r)
             say(f"check {'PASS' if ok else 'FAIL'}: {name}: {line}")
