@@ -10,9 +10,9 @@ Usage: scripts/setup.sh [--dev] [--postgres] [--venv DIR]
 Creates a Python virtual environment (default: $REPO_ROOT/.venv, or \$VENV) and installs
 requirements.txt (with --dev, requirements-dev.txt: adds pytest and ruff). Idempotent: it
 does nothing when the environment already matches the requirements. Writes nothing outside
-the environment folder apart from pip's cache. --postgres also installs PostgreSQL from the
-system's packages (apt-get, as root) when it is missing: the deployment rehearsal's tracking
-server stores its runs there.
+the environment folder apart from pip's cache. --postgres also installs PostgreSQL and iproute2 from
+the system's packages (apt-get, as root) when they are missing: the deployment rehearsal's
+tracking server stores its runs in PostgreSQL, and its hosts are network namespaces (ip netns).
 USAGE
 }
 
@@ -27,15 +27,19 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-if [ "$postgres" = 1 ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
-  [ "$(id -u)" = 0 ] || die "PostgreSQL is missing; installing it needs root (apt-get install -y postgresql)"
-  command -v apt-get >/dev/null || die "PostgreSQL is missing and there is no apt-get; install PostgreSQL 13+"
-  echo "setup: installing PostgreSQL (the system's packages) for the deployment rehearsal"
+# The rehearsal's system packages: PostgreSQL, and iproute2 for `ip netns` (slim images lack it).
+missing=()
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+command -v ip >/dev/null || missing+=(iproute2)
+if [ "$postgres" = 1 ] && [ ${#missing[@]} -gt 0 ]; then
+  [ "$(id -u)" = 0 ] || die "${missing[*]} missing; installing needs root (apt-get install -y ${missing[*]})"
+  command -v apt-get >/dev/null || die "${missing[*]} missing and there is no apt-get; install them yourself"
+  echo "setup: installing ${missing[*]} (the system's packages) for the deployment rehearsal"
   export DEBIAN_FRONTEND=noninteractive
   # A fresh machine's package lists may be empty or stale: update once, then install.
-  apt-get install -y -q postgresql >/dev/null 2>&1 \
-    || { apt-get update -q >/dev/null && apt-get install -y -q postgresql >/dev/null; } \
-    || die "apt-get install postgresql failed"
+  apt-get install -y -q "${missing[@]}" >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null && apt-get install -y -q "${missing[@]}" >/dev/null; } \
+    || die "apt-get install ${missing[*]} failed"
 fi
 
 reqs="$REPO_ROOT/requirements.txt"
