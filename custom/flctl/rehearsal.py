@@ -24,6 +24,7 @@ Needs root (network namespaces); without that right it says so in one line and d
 
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -555,11 +556,12 @@ def check_rogue_site_refused(r: Rehearsal) -> tuple:
     server_log = (r.logs / "server.log").read_text(errors="replace")
     admitted = [line for line in server_log.splitlines() if f"<= {ROGUE_ADDR}:" in line and "is created" in line]
     errors = [line for line in (r.logs / "rogue-site.log").read_text(errors="replace").splitlines() if "ERROR" in line]
-    reason = errors[0].split("[", 2)[-1][:90] if errors else "no error logged"
+    found = re.search(r"\[SSL: (\w+)\]", errors[0]) if errors else None
+    reason = f"SSL {found.group(1)}" if found else (errors[0][-100:] if errors else "no error logged")
     ok = handshake != "ok" and not admitted
     return ok, (
         f"rogue certificate (another CA) against the server: {handshake}; rogue site process for 25 s: "
-        f"{len(admitted)} connection(s) admitted by the FL server, its log: [{reason}"
+        f"{len(admitted)} connection(s) admitted by the FL server; its own log: {reason}"
     )
 
 
