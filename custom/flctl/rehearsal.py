@@ -47,6 +47,7 @@ FED_PORT, TRACKING_PORT, PG_PORT = 8002, 5000, 5432
 PROJECT_ADMIN, MEMBER = "admin@coordinator.rehearsal", "member@hospital-a.rehearsal"
 EXPERIMENT = "rehearsal"
 PG_BIN_GLOB = "/usr/lib/postgresql/*/bin"
+OWN_FOLDERS = ("project", "kits", "rogue", "tracking", "admin", "logs", "simulator")
 
 
 def say(msg):
@@ -445,6 +446,13 @@ class Rehearsal:
         why = preconditions()
         if why:
             raise CliError(why)
+        # A rerun starts from scratch (new kits, an empty database): what an earlier run left is
+        # ended first, then its folders go; only the rehearsal's own, never the whole --folder.
+        left = self.network.down()
+        if left:
+            raise CliError(f"an earlier rehearsal could not be ended: {'; '.join(left)}")
+        for name in OWN_FOLDERS:
+            shutil.rmtree(self.folder / name, ignore_errors=True)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.network.up()
         self.say(f"rehearse: hosts up: {', '.join(self.network.names())}")
