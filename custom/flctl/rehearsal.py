@@ -35,7 +35,7 @@ from pathlib import Path
 
 from flctl import netns, processes
 from flctl.errors import DEFAULT_JOB, CliError, default_data_root, positive_int
-from flctl.mlflow_server import CREDENTIAL_VARS, MlflowServer, write_secret
+from flctl.mlflow_server import CREDENTIAL_VARS, MlflowServer, read_env_file, write_secret
 from flctl.poc import Poc
 from flctl.project import provision, write_project
 
@@ -105,7 +105,6 @@ class Deployment(Poc):
 
     def __init__(self, rehearsal, kit, **kw):
         super().__init__(rehearsal.folder / "admin", **kw)
-        self.rehearsal = rehearsal
         self.prod, self.kit = rehearsal.prod, kit
         self.poc_ws = rehearsal.folder / "kits"
         self.command_prefix = tuple(rehearsal.network.exec_prefix("admin"))
@@ -172,10 +171,9 @@ class Rehearsal:
         self.procs[name] = proc
         return proc
 
-    def secret(self, name) -> dict:
-        from flctl.mlflow_server import read_env_file
-
-        return read_env_file(self.credentials) if name == "mlflow" else {}
+    def tracking_credentials(self) -> dict:
+        """The MLFLOW_TRACKING_* lines the tracking server's first start wrote: the FL server's alone."""
+        return read_env_file(self.credentials)
 
     # ----- 1. kits ----------------------------------------------------------------------------------
     def provision(self):
@@ -271,7 +269,7 @@ class Rehearsal:
     def start_federation(self):
         server_kit = self.prod / SERVER_HOST
         # The FL server alone gets the tracking credentials, in its environment.
-        env = {**self.base_env(), **self.secret("mlflow")}
+        env = {**self.base_env(), **self.tracking_credentials()}
         server = self.launch("server", "server", self.fl_command("server", server_kit), env, cwd=server_kit)
         # Up when its port answers from the admin's host, across the LAN.
         alive = lambda: server.poll() is None  # noqa: E731
@@ -340,7 +338,7 @@ class Rehearsal:
     def scan_credentials(self) -> dict:
         """Every process in every rehearsal namespace: does its environment or command line hold
         the MLflow password or username variable? Accumulated into self.scan."""
-        password = self.secret("mlflow").get("MLFLOW_TRACKING_PASSWORD", "")
+        password = self.tracking_credentials().get("MLFLOW_TRACKING_PASSWORD", "")
         needles = [n.encode() for n in (password, *CREDENTIAL_VARS) if n]
         for ns in self.network.names():
             for pid in netns.ns_pids(ns):
@@ -364,7 +362,7 @@ class Rehearsal:
 
     def files_with_password(self) -> list:
         """Files under the site kits (their job workspaces included) that hold the password."""
-        password = self.secret("mlflow").get("MLFLOW_TRACKING_PASSWORD", "").encode()
+        password = self.tracking_credentials().get("MLFLOW_TRACKING_PASSWORD", "").encode()
         found = []
         for site in self.site_hosts():
             for path in (self.prod / site).rglob("*"):
@@ -379,7 +377,7 @@ class Rehearsal:
     def deployed_contents(self) -> dict:
         """flctl contents, run on the FL server's host (the only one that reaches the tracking
         server) with the server's credentials."""
-        env = {**self.base_env(), **self.secret("mlflow")}
+        env = {**self.base_env(), **self.tracking_credentials()}
         done = subprocess.run(
             [*self.network.exec_prefix("server"), sys.executable, "-m", "flctl", "contents"]
             + [self.tracking_uri, EXPERIMENT],
