@@ -178,6 +178,13 @@ def test_compare_contents_names_each_difference():
         "run parent: series n: None vs 1 points",
     ]
     assert rehearsal.compare_contents(a, a) == []
+    # clock-sampled system metrics: compared by presence, not by count
+    timed = {"runs": {"site-1": {"params": {}, "series": {"system/cpu_utilization_percentage": 1}}}}
+    assert rehearsal.compare_contents(timed, {"runs": {"site-1": {"params": {}, "series": {}}}}) == [
+        "run site-1: series system/cpu_utilization_percentage: 1 vs None points"
+    ]
+    twice = {"runs": {"site-1": {"params": {}, "series": {"system/cpu_utilization_percentage": 2}}}}
+    assert rehearsal.compare_contents(timed, twice) == []
 
 
 def test_rehearsal_without_root_says_so_in_one_line(monkeypatch):
