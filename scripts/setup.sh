@@ -5,24 +5,42 @@ source "$(dirname "$0")/common.sh"
 
 usage() {
   cat <<USAGE
-Usage: scripts/setup.sh [--dev] [--venv DIR]
+Usage: scripts/setup.sh [--dev] [--postgres] [--venv DIR]
 
 Creates a Python virtual environment (default: $REPO_ROOT/.venv, or \$VENV) and installs
 requirements.txt (with --dev, requirements-dev.txt: adds pytest and ruff). Idempotent: it
 does nothing when the environment already matches the requirements. Writes nothing outside
-the environment folder apart from pip's cache.
+the environment folder apart from pip's cache. --postgres also installs PostgreSQL and iproute2 from
+the system's packages (apt-get, as root) when they are missing: the deployment rehearsal's
+tracking server stores its runs in PostgreSQL, and its hosts are network namespaces (ip netns).
 USAGE
 }
 
-dev=0
+dev=0 postgres=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --dev) dev=1; shift ;;
+    --postgres) postgres=1; shift ;;
     --venv) need_value "$1" $#; VENV="$2"; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) die "unknown option $1 (see --help)" ;;
   esac
 done
+
+# The rehearsal's system packages: PostgreSQL, and iproute2 for `ip netns` (slim images lack it).
+missing=()
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+command -v ip >/dev/null || missing+=(iproute2)
+if [ "$postgres" = 1 ] && [ ${#missing[@]} -gt 0 ]; then
+  [ "$(id -u)" = 0 ] || die "${missing[*]} missing; installing needs root (apt-get install -y ${missing[*]})"
+  command -v apt-get >/dev/null || die "${missing[*]} missing and there is no apt-get; install them yourself"
+  echo "setup: installing ${missing[*]} (the system's packages) for the deployment rehearsal"
+  export DEBIAN_FRONTEND=noninteractive
+  # A fresh machine's package lists may be empty or stale: update once, then install.
+  apt-get install -y -q "${missing[@]}" >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null && apt-get install -y -q "${missing[@]}" >/dev/null; } \
+    || die "apt-get install ${missing[*]} failed"
+fi
 
 reqs="$REPO_ROOT/requirements.txt"
 [ "$dev" = 1 ] && reqs="$REPO_ROOT/requirements-dev.txt"

@@ -24,7 +24,10 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-bash "$REPO_ROOT/scripts/setup.sh" --dev --venv "$VENV"
+# As root (CI), the slow suite rehearses a deployment in network namespaces: PostgreSQL too.
+pg=()
+[ "$fast" = 0 ] && [ "$(id -u)" = 0 ] && pg=(--postgres)
+bash "$REPO_ROOT/scripts/setup.sh" --dev "${pg[@]+"${pg[@]}"}" --venv "$VENV"
 activate_venv
 cd "$REPO_ROOT"
 echo "== ruff check"; ruff check . || die "ruff check failed"

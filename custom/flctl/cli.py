@@ -1,6 +1,7 @@
 """flctl: the project's one command line.
 
-    flctl prepare-data | configure | check | simulate | poc | mlflow-server | evaluate | contents | recover
+    flctl prepare-data | configure | check | simulate | poc | mlflow-server | evaluate | contents | recover |
+    screenshots | project | rehearse
 
 `flctl SUBCOMMAND --help` says more. A failure prints one line `flctl SUBCOMMAND: reason` on
 stderr and exits non-zero (2 for a wrong argument).
@@ -25,6 +26,8 @@ MODULES = (
     "flctl.mlflow_contents",
     "flctl.recover",
     "flctl.screenshots",
+    "flctl.project",
+    "flctl.rehearsal",
 )
 
 

@@ -61,16 +61,34 @@ def read_env_file(path) -> dict:
 
 
 class MlflowServer:
-    def __init__(self, folder, port: int | None = None, auth: bool = False, say=lambda msg: None):
+    def __init__(
+        self,
+        folder,
+        port: int | None = None,
+        auth: bool = False,
+        say=lambda msg: None,
+        store=None,
+        host="127.0.0.1",
+        prefix=(),
+        env=None,
+        healthy=healthy,
+        args=(),
+    ):
+        """The defaults: SQLite in folder, 127.0.0.1. The deployment rehearsal passes another
+        store (PostgreSQL), the address to listen on, a command prefix (`ip netns exec NS`),
+        extra environment for the server, a health check that runs where the server is
+        reachable from, and more `mlflow server` options (args)."""
         self.folder = Path(folder).resolve()
         self.port = port or free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
+        self.uri = f"http://{host}:{self.port}"
         self.auth = auth
         self.say = say
+        self.host, self.prefix, self.extra_env, self.healthy = host, list(prefix), dict(env or {}), healthy
+        self.args = list(args)
         self.proc = None  # the Popen, when this process started the server
         self.pid_file = self.folder / "server.pid"
         self.credentials = self.folder / "credentials"
-        self.store = f"sqlite:///{self.folder / 'mlflow.db'}"
+        self.store = store or f"sqlite:///{self.folder / 'mlflow.db'}"
 
     # ----- which process is ours ----------------------------------------------------------
     def running_pid(self) -> int | None:
@@ -115,17 +133,18 @@ class MlflowServer:
         self.drop_stale_pid_file()
         (self.folder / "artifacts").mkdir(exist_ok=True)
         env = {k: v for k, v in os.environ.items() if k not in CREDENTIAL_VARS}
+        env.update(self.extra_env)
         # Tracking only: MLflow 3's server-side job runner (GenAI jobs; 8 more processes, each
         # importing MLflow, about 25 s of CPU at every start on 2 cores) stays off unless asked for.
         env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
-        cmd = [str(Path(sys.executable).parent / "mlflow"), "server"]
+        cmd = [*self.prefix, str(Path(sys.executable).parent / "mlflow"), "server"]
         if self.auth:
             env.update(self.ensure_secrets())
             cmd += ["--app-name", "basic-auth"]
-        if healthy(self.uri):
+        if self.healthy(self.uri):
             raise CliError(f"something else already answers on {self.uri}")
         cmd += ["--backend-store-uri", self.store, "--artifacts-destination", str(self.folder / "artifacts")]
-        cmd += ["--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
+        cmd += ["--host", self.host, "--port", str(self.port), "--workers", "1", *self.args]
         log_path = self.folder / "server.log"
         with open(log_path, "a") as log:  # the child keeps its own copy of the descriptor
             # Own process group and session: stop() ends the server and every worker it spawned.
@@ -139,7 +158,7 @@ class MlflowServer:
             if self.proc.poll() is not None:
                 self.pid_file.unlink(missing_ok=True)
                 raise CliError(f"the server exited with {self.proc.returncode}; see {log_path}")
-            if healthy(self.uri):
+            if self.healthy(self.uri):
                 where = f"; credentials in {self.credentials}" if self.auth else ""
                 self.say(f"mlflow-server: running (PID {self.proc.pid}) at {self.uri}{where}")
                 return self

@@ -9,10 +9,10 @@ from pathlib import Path
 NVFLARE = str(Path(sys.executable).parent / "nvflare")
 
 
-def run(args, log_path, env, timeout=600, json_out=False) -> subprocess.CompletedProcess:
+def run(args, log_path, env, timeout=600, json_out=False, prefix=()) -> subprocess.CompletedProcess:
     """nvflare ARGS with stdout and stderr in log_path (with json_out: stdout returned, parsed
-    by parse_json, and stderr in log_path)."""
-    cmd = [NVFLARE, *(["--format", "json"] if json_out else []), *map(str, args)]
+    by parse_json, and stderr in log_path). prefix: a command that runs it (`ip netns exec NS`)."""
+    cmd = [*prefix, NVFLARE, *(["--format", "json"] if json_out else []), *map(str, args)]
     with open(log_path, "w") as log:
         out = subprocess.PIPE if json_out else log
         return subprocess.run(
@@ -20,8 +20,8 @@ def run(args, log_path, env, timeout=600, json_out=False) -> subprocess.Complete
         )
 
 
-def popen(args, log_path, env, json_out=True) -> subprocess.Popen:
-    cmd = [NVFLARE, *(["--format", "json"] if json_out else []), *map(str, args)]
+def popen(args, log_path, env, json_out=True, prefix=()) -> subprocess.Popen:
+    cmd = [*prefix, NVFLARE, *(["--format", "json"] if json_out else []), *map(str, args)]
     with open(log_path, "w") as log:
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, env=env, text=True)
 

@@ -32,6 +32,7 @@ import sys
 import time
 from pathlib import Path
 
+from fl_lightning_mlflow.server.tracking_uri import USERINFO, redact_uri
 from flctl import nvflare_cli, processes
 from flctl.check_job import check_or_fail, split_sites
 from flctl.configure import JobConfigError, configure_job
@@ -47,11 +48,25 @@ CONTROL_FILES = ("daemon_pid.fl", "pid.fl", "shutdown.fl", "restart.fl")
 WAIT_EXIT_TIMEOUT = 3  # `nvflare job wait`'s exit status when --timeout passed
 
 
+def refuse_userinfo(uri) -> None:
+    """A user:password@ in the tracking URI would travel in the job's server config, and FLARE
+    deploys a job's app folder (server config included) to every site: refused before submission."""
+    if uri and USERINFO.search(uri):
+        raise CliError(
+            f"tracking URI {redact_uri(uri)} carries user:password@; nothing was submitted. The job's config "
+            "reaches every site: put MLFLOW_TRACKING_USERNAME= and MLFLOW_TRACKING_PASSWORD= lines in a "
+            "credentials file (mode 600) given with --credentials, which only the FL server's environment gets"
+        )
+
+
 def say(msg, err=False):
     print(msg, file=sys.stderr if err else sys.stdout, flush=True)
 
 
 class Poc:
+    # Prepended to every nvflare command (the deployment rehearsal: `ip netns exec` the admin's host).
+    command_prefix = ()
+
     def __init__(
         self,
         workspace="/tmp/nvflare/poc-hello",
@@ -67,12 +82,13 @@ class Poc:
         job_id=None,
         say=say,
         recover=True,
+        experiment=None,
     ):
         self.workspace = Path(workspace).expanduser().resolve()
         self.sites, self.job_src, self.rounds, self.epochs = sites, resolve_job(job), rounds, epochs
         self.offline, self.data_root = offline, default_data_root(data_root, offline)
         self.tracking_uri, self.credentials, self.timeout, self.job_id = tracking_uri, credentials, timeout, job_id
-        self.say, self.recover = say, recover
+        self.say, self.recover, self.experiment = say, recover, experiment
         self.poc_ws = self.workspace / "poc"
         self.prod = self.poc_ws / "example_project" / "prod_00"
         self.kit = self.prod / "admin@nvidia.com"
@@ -100,7 +116,7 @@ class Poc:
 
     def nvflare(self, args, log, env=None, **kw):
         self.workspace.mkdir(parents=True, exist_ok=True)
-        return nvflare_cli.run(args, self.workspace / log, env or self.env(), **kw)
+        return nvflare_cli.run(args, self.workspace / log, env or self.env(), prefix=self.command_prefix, **kw)
 
     # ----- commands ------------------------------------------------------------------------
     def prepare(self):
@@ -184,11 +200,14 @@ class Poc:
             self.say(f"poc: job {job_id} was RUNNING when the FL server died; marked {ABORTED} in FLARE's job store")
 
     def submit(self):
+        refuse_userinfo(self.tracking_uri)
         if not self.pids():
             raise CliError("the POC system is not running (run: poc start)")
         if split_sites([self.data_root]) != self.sites:
             ensure_data(self.data_root, self.sites, offline=self.offline, say=self.say)
-        settings = job_settings(self.sites, self.rounds, self.epochs, self.data_root, self.tracking_uri)
+        settings = job_settings(
+            self.sites, self.rounds, self.epochs, self.data_root, self.tracking_uri, self.experiment
+        )
         try:
             job = configure_job(self.job_src, self.workspace / "job" / self.job_src.name, settings)
         except JobConfigError as e:
@@ -218,7 +237,7 @@ class Poc:
         job_id = self.resolve_job_id()
         self.say(f"poc: waiting for job {job_id} (up to {self.timeout} s)")
         args = ["job", "wait", job_id, "--timeout", self.timeout, "--startup-kit", self.kit]
-        waiter = nvflare_cli.popen(args, self.workspace / "wait.log", self.env())
+        waiter = nvflare_cli.popen(args, self.workspace / "wait.log", self.env(), prefix=self.command_prefix)
         try:
             # Watch the server meanwhile: if it is gone, nothing will ever finish the job.
             while waiter.poll() is None and self.part_pids("server"):
