@@ -187,6 +187,17 @@ def summary(results) -> dict:
             ]
             if accs:
                 out[f"{algorithm}/{split}"] = spread(accs)
+    for algorithm in list(ALGORITHMS)[1:]:  # paired by seed against FedAvg: same split, same start
+        for split in cfg["splits"]:
+            pairs = [
+                (cells[f"{algorithm}/{split}/{s}"]["test_acc"], cells[f"FedAvg/{split}/{s}"]["test_acc"])
+                for s in cfg["seeds"]
+                if f"{algorithm}/{split}/{s}" in cells and f"FedAvg/{split}/{s}" in cells
+            ]
+            if pairs:
+                diff = spread([a - b for a, b in pairs])
+                diff["wins"] = sum(a > b for a, b in pairs)
+                out[f"{algorithm}-FedAvg/{split}"] = diff
     runs = results.get("central", {}).get("runs", {})
     if runs:
         out["central"] = spread([r["test_acc"] for r in runs.values()])
@@ -208,6 +219,14 @@ def table(results) -> str:
         lr = results["central"]["lr"]
         text = f"{c['mean']:.3f} ± {c['stdev']:.3f} ({c['min']:.3f}-{c['max']:.3f}), lr {lr}"
         rows.append("| centralized (same total epochs) | " + " | ".join([text] * len(cfg["splits"])) + " |")
+    rows += ["", "Against FedAvg, paired by seed (mean difference in points; seeds where it is ahead):", ""]
+    rows += ["| algorithm | " + " | ".join(cfg["splits"]) + " |", "| --- |" + " --- |" * len(cfg["splits"])]
+    for algorithm in list(ALGORITHMS)[1:]:
+        cells = []
+        for split in cfg["splits"]:
+            d = summ.get(f"{algorithm}-FedAvg/{split}")
+            cells.append("-" if d is None else f"{d['mean'] * 100:+.1f} ({d['wins']} of {d['n']})")
+        rows.append(f"| {algorithm} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
