@@ -16,6 +16,9 @@ flush; MLflow refuses a batch of more than 1,000 metrics, so a site that sends m
 between flushes loses them (counted here, not hidden).
 """
 
+import cProfile
+import io
+import pstats
 import time
 from pathlib import Path
 
@@ -152,16 +155,26 @@ def store_ceiling(folder: Path, points: int, profile: bool = False) -> dict:
     batches = [
         [Metric(KEYS[i % len(KEYS)], 0.5, now, b * 1000 + i) for i in range(1000)] for b in range(points // 1000)
     ]
+    profiler = cProfile.Profile() if profile else None
     started = time.perf_counter()
+    if profiler:
+        profiler.enable()
     for batch in batches:
         client.log_batch(run_id, metrics=batch)
+    if profiler:
+        profiler.disable()
     elapsed = time.perf_counter() - started
-    return {
+    out = {
         "points": points,
         "seconds": elapsed,
         "points_per_s": points / elapsed,
         "ms_per_request": elapsed / len(batches) * 1000,
     }
+    if profiler:
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(20)
+        out["profile_top"] = text.getvalue()[-6000:]
+    return out
 
 
 def run(work: Path, quick: bool, results: dict, save) -> dict:
