@@ -143,3 +143,22 @@ def test_batched_records_go_out_once_a_second_and_at_every_stage_end():
     ((kind, records, step, _),) = rec.records
     assert kind == METRICS_BATCH and step == 4
     assert [r[0] for r in records] == [0, 1, 2, 3, 4] and log.points_sent == 5
+
+
+def test_sent_counts_are_exact_with_two_threads_counting():
+    """The system-metrics thread and the task's thread both count what they send."""
+    from fl_lightning_mlflow.site.flare_logger import SentCounter
+
+    counter = SentCounter({"metric": 5, "bogus": 3, "param": -1})
+    assert counter.snapshot()["metric"] == 5 and counter.snapshot()["param"] == 0  # bad start values dropped
+
+    def send():
+        for _ in range(20_000):
+            counter.record(METRICS, {"a": 1.0, "b": 2.0})
+
+    threads = [threading.Thread(target=send) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert counter.snapshot()["metric"] == 5 + 2 * 20_000 * 2

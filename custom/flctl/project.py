@@ -29,6 +29,15 @@ import yaml
 from flctl.errors import CliError
 
 
+def org_problems(label: str, org) -> list:
+    """Sites and admins alike belong to an organisation that FLARE accepts as a name."""
+    if not org:
+        return [f"{label}: no organisation (org)"]
+    if bad_name(org, "org"):
+        return [f"{label}: org {org!r}: letters, digits or '_' only"]
+    return []
+
+
 def bad_name(name, kind) -> bool:
     """FLARE's own rule for a name of this kind (server, client, admin, org), which provision applies."""
     from nvflare.apis.utils.format_check import name_check
@@ -106,10 +115,7 @@ def check_description(description) -> list:
             problems.append(f"{label}: a name of letters, digits, '-' or '_' is needed")
         else:
             taken(site_name, "site")
-        if not org:
-            problems.append(f"{label}: no organisation (org)")
-        elif bad_name(org, "org"):
-            problems.append(f"{label}: org {org!r}: letters, digits or '_' only")
+        problems += org_problems(label, org)
         extra = sorted(set(site) - {"name", "org"})
         problems += [f"{label}: unknown key {k!r}" for k in extra]
 
@@ -121,10 +127,7 @@ def check_description(description) -> list:
             problems.append(f"{label}: not an e-mail address (user@domain.tld)")
         else:
             taken(email, "admin")
-        if not org:
-            problems.append(f"{label}: no organisation (org)")
-        elif bad_name(org, "org"):
-            problems.append(f"{label}: org {org!r}: letters, digits or '_' only")
+        problems += org_problems(label, org)
         if role not in ROLES:
             problems.append(f"{label}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
         extra = sorted(set(admin) - {"email", "org", "role"})
