@@ -47,7 +47,7 @@ def sections_arg(text: str) -> list:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small workloads: a few minutes")
+    p.add_argument("--quick", action="store_true", help="small workloads, one repeat")
     p.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results/<time>)")
     p.add_argument("--sections", type=sections_arg, default=list(SECTIONS), help="comma-separated, default all")
     a = p.parse_args(argv)

@@ -101,6 +101,7 @@ class WriteQueue:
         self.max_memory_items = max_memory_items
         self.retry_initial, self.retry_max, self.idle_flush = retry_initial, retry_max, idle_flush
         self.batch_linger = batch_linger
+        self._filled_since = 0.0  # when the queue last went from empty to holding items
         self.unknown_error_attempts = max(1, unknown_error_attempts)
         self.log = logger or logging.getLogger(__name__)
         self._memory = collections.deque()
@@ -143,6 +144,8 @@ class WriteQueue:
             self.stats[f"queued_{item[0]}"] += 1
             # Wake the writer when it waits for a first item or for a full request, not per item.
             queued = len(self._memory)
+            if queued == 1:
+                self._filled_since = time.monotonic()
             if spill or item[0] == "call" or queued == 1 or queued % MAX_METRICS_PER_BATCH == 0:
                 self._cond.notify_all()
 
@@ -175,7 +178,9 @@ class WriteQueue:
                 if self._closing:
                     return None
                 self._cond.wait(self.idle_flush)
-            until = time.monotonic() + self.batch_linger
+            # The linger counts from when the waiting items began to wait, not per request: what is
+            # left after a full request (or at job end, other runs' points) goes without a new wait.
+            until = self._filled_since + self.batch_linger
             while (
                 not self._closing
                 and not self.journal.count
