@@ -78,3 +78,34 @@ def test_round_models_the_champion_and_the_final_model(parent):
     other.register(client, round_1, run_id, {"job_id": "job-2", JOB_UID_TAG: "uid-2", "model": "best_global_model"},
                    CHAMPION_ALIAS)  # fmt: skip
     assert str(client.get_model_version_by_alias(NAME, CHAMPION_ALIAS).version) == "3"
+
+
+IMPORT_CHECK = """
+import sys
+{before}
+from fl_lightning_mlflow.server.model_logger import import_mlflow_pytorch
+module = import_mlflow_pytorch()
+print(callable(module.log_model), "pytorch_lightning" in sys.modules,
+      hasattr(module, "MlflowModelCheckpointCallback"), sys.modules.get("pytorch_lightning", 0) is None)
+import pytorch_lightning  # still importable afterwards
+print(pytorch_lightning.Trainer.__name__)
+"""
+
+
+@pytest.mark.parametrize(
+    "before, expected",
+    [
+        # the FL server: Lightning stays out of the process (about 5 s of imports saved at job end)
+        ("", "True False False False\nTrainer"),
+        # a process that trains with Lightning keeps mlflow.pytorch's Lightning hook as it is
+        ("import pytorch_lightning", "True True True False\nTrainer"),
+    ],
+)
+def test_mlflow_pytorch_is_imported_without_lightning_unless_lightning_is_there(before, expected):
+    import subprocess
+    import sys
+
+    code = IMPORT_CHECK.format(before=before)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == expected

@@ -40,6 +40,24 @@ def versions() -> dict:
     return out
 
 
+def import_mlflow_pytorch():
+    """mlflow.pytorch, imported without its optional Lightning autologging hook.
+
+    mlflow.pytorch ends by importing its Lightning autolog callback, which imports
+    pytorch_lightning, torchmetrics, torchvision's models and torch._dynamo: about 5 s of CPU at
+    the end of every job on a small server, for a hook the FL server never uses (it trains
+    nothing). mlflow.pytorch catches the ImportError when Lightning is missing, so Lightning is
+    hidden for that one import. A process that already imported Lightning keeps it as it is."""
+    if "mlflow.pytorch" not in sys.modules and "pytorch_lightning" not in sys.modules:
+        sys.modules["pytorch_lightning"] = None  # `import pytorch_lightning` now raises ImportError
+        try:
+            importlib.import_module("mlflow.pytorch")
+        finally:
+            if "pytorch_lightning" in sys.modules and sys.modules["pytorch_lightning"] is None:
+                del sys.modules["pytorch_lightning"]
+    return importlib.import_module("mlflow.pytorch")
+
+
 MODEL_NAME = "global_model"  # every global model of a job is a LoggedModel of this name, its step the round
 ROUND_TAG = "fl_round"  # the round whose received global model it is (the step of its linked metrics)
 KIND_TAG = "fl_model"  # "round": a round's global model; "final": the model after the last round
@@ -74,8 +92,9 @@ class ModelLogger:
         logged it, else logged from the weights in `path` (None if there are none). MLflow links
         the parent run's metrics at `step` to it (Model.log does, for a run_id and step)."""
         import mlflow
-        import mlflow.pytorch
         import numpy as np
+
+        mlflow_pytorch = import_mlflow_pytorch()
 
         key = (kind, int(step))
         if key in self.logged:
@@ -91,7 +110,7 @@ class ModelLogger:
             # in the fluent API's current experiment (Default), artifacts and all.
             tags = {KIND_TAG: kind, ROUND_TAG: str(int(step))}
             pending = client.create_logged_model(exp_id, name=MODEL_NAME, source_run_id=parent_id, tags=tags)
-            model_id = mlflow.pytorch.log_model(
+            model_id = mlflow_pytorch.log_model(
                 net,
                 name=MODEL_NAME,
                 model_id=pending.model_id,
