@@ -271,7 +271,8 @@ def full_disk(tmp_path):
     if made.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here (needs root): {made.stderr.decode().strip()}")
     yield mount
-    subprocess.run(["umount", str(mount)], check=True)
+    # lazy: a test that failed with the journal still open must not leave the mount behind
+    subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
 def test_a_full_disk_under_the_journal_keeps_items_in_memory_and_loses_none(store, tmp_path, full_disk, caplog):
@@ -297,4 +298,52 @@ def test_a_full_disk_under_the_journal_keeps_items_in_memory_and_loses_none(stor
     assert queue.drain(60)
     history = client.get_metric_history(queue.run_ids["site-1"], "loss")
     assert sorted(m.step for m in history) == list(range(2000))  # every point, once
+    assert queue.close(5) == {}
+
+
+def test_a_disk_that_fills_in_the_middle_of_a_batch_keeps_the_rest_in_memory_and_loses_none(store, tmp_path, full_disk):
+    """put_many journals a batch in one write; the lines the full disk cut short are kept in
+    memory, the lines on disk whole stay journaled, and every point is written once."""
+    uri, client, experiment = store
+    release = []
+
+    def hold(client):
+        if not release:
+            raise ConnectionError("tracking server not up yet")
+
+    queue = WriteQueue(
+        uri, full_disk / "journal", {"hold": hold}, max_memory_items=300, retry_initial=0.01, retry_max=0.1,
+        logger=logging.getLogger("wq-disk-batch"), dead_letter_file=tmp_path / "dead.jsonl",
+    )  # fmt: skip
+    queue.run_ids["site-1"] = client.create_run(experiment).info.run_id
+    queue.put(("call", "hold", []))
+    for start in range(0, 2000, 50):
+        queue.put_many([("metric", "site-1", "loss", 1.0 / (s + 1), 0, s) for s in range(start, start + 50)])
+    assert queue.stats["journal_failures"] > 0 and queue.stats["spilled"] > 0
+    lines = (full_disk / "journal" / "items.jsonl").read_bytes().split(b"\n")
+    # every line on disk parses, but the last one, which the full disk may have cut
+    whole = [json.loads(line) for line in lines[:-1]]
+    assert whole and all(entry[1] in ("call", "metric") for entry in whole)
+    release.append(True)
+    assert queue.drain(60)
+    history = client.get_metric_history(queue.run_ids["site-1"], "loss")
+    assert sorted(m.step for m in history) == list(range(2000))  # every point, once
+    assert queue.close(5) == {}
+
+
+def test_an_item_that_is_not_json_is_kept_in_memory_and_its_batch_neighbours_are_journaled(store, tmp_path):
+    uri, client, experiment = store
+    seen = []
+    queue = WriteQueue(
+        uri, tmp_path / "journal", {"note": lambda client, arg: seen.append(arg)}, retry_initial=0.01,
+        logger=logging.getLogger("wq-json"), dead_letter_file=tmp_path / "dead.jsonl",
+    )  # fmt: skip
+    queue.run_ids["site-1"] = client.create_run(experiment).info.run_id
+    odd = {1, 2}  # a set: not JSON
+    queue.put_many([("call", "note", ["a"]), ("call", "note", [odd]), ("call", "note", ["c"])])
+    assert queue.drain(30)
+    assert seen == ["a", odd, "c"] and queue.stats["journal_failures"] == 1
+    journaled = [json.loads(line) for line in (tmp_path / "journal" / "items.jsonl").read_text().splitlines()]
+    assert [entry[3] for entry in journaled] == [["a"], ["c"]]
+    assert [entry[0] for entry in journaled] == [1, 3]  # the odd one's seq is not reused
     assert queue.close(5) == {}

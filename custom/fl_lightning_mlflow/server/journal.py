@@ -151,25 +151,54 @@ class Journal:
         until read back. A write that fails (disk full: nothing half-written stays in the way of
         the next line) or an item that is not JSON raises JournalWriteError with the seq it was
         given; the caller keeps the item in memory."""
+        ((seq, error),) = self.append_many([item], spill)
+        if error is not None:
+            raise error
+        return seq
+
+    def append_many(self, items: list, spill: bool) -> list:
+        """Journal items under consecutive seqs in one write: [(seq, None or JournalWriteError)]
+        in their order. One write per batch rather than per item: every write releases the GIL,
+        and a handoff to the writer thread per metric point cost more than the write itself. An
+        item that is not JSON, or that a failed write did not put on disk whole, gets its
+        JournalWriteError (the caller keeps it in memory); the lines written whole stay journaled."""
         with self._lock:
-            seq = self.next_seq
-            self.next_seq += 1
+            out, lines, dumps = [], [], json.dumps
+            for item in items:
+                seq = self.next_seq
+                self.next_seq += 1
+                try:
+                    lines.append((len(out), dumps([seq, *item]) + "\n"))  # ASCII: json.dumps escapes the rest
+                    out.append((seq, None))
+                except (TypeError, ValueError) as e:
+                    out.append((seq, JournalWriteError(seq, e)))
+            if not lines:
+                return out
+            start = self._size
             try:
-                line = (json.dumps([seq, *item]) + "\n").encode()
                 if self._torn:  # an earlier write stopped mid-line: end that line first
                     self._write(b"\n")
                     self._torn = False
-                start = self._size
-                self._write(line)
-            except (OSError, TypeError, ValueError) as e:
-                raise JournalWriteError(seq, e) from e
+                    start = self._size
+                self._write("".join(line for _, line in lines).encode())
+            except OSError as e:
+                written = self._size - start
+                for i, line in lines:  # the lines on disk whole are journaled; the rest are not
+                    if written < len(line):
+                        seq = out[i][0]
+                        out[i] = (seq, JournalWriteError(seq, e))
+                    written -= len(line)
             self._dirty = True
-            if spill:
-                if self.count == 0:
-                    self._read_pos, self.first_pending_seq = start, seq
-                self.count += 1
-                self.stats["spilled"] += 1
-            return seq
+            pos = start
+            for i, line in lines:
+                seq, error = out[i]
+                if error is None and spill:
+                    if self.count == 0:
+                        self._read_pos, self.first_pending_seq = pos, seq
+                    self.count += 1
+                    self.stats["spilled"] += 1
+                pos += len(line)
+            return out
 
     def _write(self, data: bytes) -> None:
         written = 0

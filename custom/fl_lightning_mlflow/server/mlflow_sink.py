@@ -135,9 +135,11 @@ class MLflowSink:
 
     def metrics(self, run_key, points, now, step=None):
         """points: [(name, value, step)], or [(name, value)] all at `step`."""
+        items = []
         for point in points:
             key, value, at = point if step is None else (*point, step)
-            self.queue.put(("metric", run_key, key, float(value), now, int(at)))
+            items.append(("metric", run_key, key, float(value), now, int(at)))
+        self.queue.put_many(items)  # one journal write for the lot
 
     def param(self, run_key, key, value):
         self.queue.put(("param", run_key, key, str(value)[:MAX_PARAM_VALUE_LENGTH]))

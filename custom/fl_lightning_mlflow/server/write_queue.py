@@ -38,7 +38,7 @@ from fl_lightning_mlflow.common.protocol import (
     MAX_TAGS_PER_BATCH,
     SYSTEM_PREFIX,
 )
-from fl_lightning_mlflow.server.journal import Journal, JournalWriteError, read_cursor
+from fl_lightning_mlflow.server.journal import Journal, read_cursor
 from fl_lightning_mlflow.server.tracking_uri import redact_uri
 from fl_lightning_mlflow.server.write_errors import Refused, RunNotReady, refusal
 
@@ -124,29 +124,38 @@ class WriteQueue:
         self._thread = threading.Thread(target=self._main, name="mlflow-writer", daemon=True)
         self._thread.start()
 
-    # ----- producer side: O(1), one append to the journal -----------------------------------
+    # ----- producer side: one append to the journal per call -----------------------------------
     def put(self, item: tuple) -> None:
+        self.put_many([item])
+
+    def put_many(self, items: list) -> None:
+        """Queue items in order, journaled with one write (a site's event brings many points)."""
+        if not items:
+            return
         with self._cond:
+            before = len(self._memory)
             # Once spilling, keep order: everything newer lives in the journal only, too.
-            spill = bool(self.journal.count) or len(self._memory) >= self.max_memory_items
-            try:
-                seq = self.journal.append(item, spill)
-            except JournalWriteError as e:
-                # Disk full or an unserializable item: keep it in memory rather than lose it (it
-                # is not crash-proof, and its order against spilled items is given up).
-                seq, spill = e.seq, False
-                self.stats["journal_failures"] += 1
-                if self.stats["journal_failures"] == 1:
-                    self.log.error(f"MLflow queue: could not journal an item ({e}); kept in memory")
-                self._unordered = self._unordered or bool(self.journal.count)
-            if not spill:
-                self._memory.append((seq, item))
-            self.stats[f"queued_{item[0]}"] += 1
+            spill = bool(self.journal.count) or before + len(items) > self.max_memory_items
+            for item, (seq, error) in zip(items, self.journal.append_many(items, spill), strict=True):
+                kept = not spill
+                if error is not None:
+                    # Disk full or an unserializable item: keep it in memory rather than lose it
+                    # (it is not crash-proof, and its order against spilled items is given up).
+                    kept = True
+                    self.stats["journal_failures"] += 1
+                    if self.stats["journal_failures"] == 1:
+                        self.log.error(f"MLflow queue: could not journal an item ({error}); kept in memory")
+                    self._unordered = self._unordered or bool(self.journal.count)
+                if kept:
+                    self._memory.append((seq, item))
+            for kind, n in collections.Counter(item[0] for item in items).items():
+                self.stats[f"queued_{kind}"] += n
             # Wake the writer when it waits for a first item or for a full request, not per item.
             queued = len(self._memory)
-            if queued == 1:
+            if before == 0 and queued:
                 self._filled_since = time.monotonic()
-            if spill or item[0] == "call" or queued == 1 or queued % MAX_METRICS_PER_BATCH == 0:
+            full = queued // MAX_METRICS_PER_BATCH > before // MAX_METRICS_PER_BATCH
+            if spill or (before == 0 and queued) or full or any(item[0] == "call" for item in items):
                 self._cond.notify_all()
 
     def pending(self) -> collections.Counter:
@@ -201,8 +210,10 @@ class WriteQueue:
             for i, (_, item) in enumerate(itertools.islice(self._memory, SCAN)):
                 if item[0] == "call":
                     break
-                if item[1] != run_key or counts[item[0]] >= LIMITS[item[0]]:
+                if item[1] != run_key:
                     continue
+                if counts[item[0]] >= LIMITS[item[0]]:
+                    break  # the request is full for this kind: no need to look further ahead
                 if item[0] == "param" and params.setdefault(item[2], item[3]) != item[3]:
                     continue
                 counts[item[0]] += 1
