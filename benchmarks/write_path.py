@@ -17,6 +17,7 @@ between flushes loses them (counted here, not hidden).
 """
 
 import cProfile
+import gc
 import io
 import pstats
 import time
@@ -111,6 +112,8 @@ def feed(kind: str, folder: Path, events: list, sites: list) -> dict:
     receiver = make_receiver(kind, uri)
     fl_ctx = context(folder, sites)
     errors = 0
+    full_gcs = FullCollections()
+    gc.callbacks.append(full_gcs)
     started = time.perf_counter()
     receiver.handle_event(EventType.START_RUN, fl_ctx)
     save_s = 0.0
@@ -123,6 +126,7 @@ def feed(kind: str, folder: Path, events: list, sites: list) -> dict:
         save_s += time.perf_counter() - t
     receiver.handle_event(EventType.END_RUN, fl_ctx)
     elapsed = time.perf_counter() - started
+    gc.callbacks.remove(full_gcs)
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("write-path")
     stored = 0
@@ -139,8 +143,29 @@ def feed(kind: str, folder: Path, events: list, sites: list) -> dict:
         "points_per_s": stored / elapsed,
         "save_us_per_event": save_s / len(events) * 1e6,
         "save_errors": errors,
+        "full_gcs": full_gcs.count,
+        "full_gc_seconds": full_gcs.seconds,
     }
     return out
+
+
+class FullCollections:
+    """gc callback: how many full (generation 2) collections ran, and for how long. The writer
+    allocates thousands of ORM objects per request, so CPython collects often, and a full
+    collection walks every object of the process (about half a million here)."""
+
+    def __init__(self):
+        self.count, self.seconds, self._started = 0, 0.0, None
+
+    def __call__(self, phase, info):
+        if info.get("generation") != 2:
+            return
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif self._started is not None:
+            self.count += 1
+            self.seconds += time.perf_counter() - self._started
+            self._started = None
 
 
 def store_ceiling(folder: Path, points: int, profile: bool = False) -> dict:
@@ -204,6 +229,8 @@ def run(work: Path, quick: bool, results: dict, save) -> dict:
             "points_per_s": spread([r[kind]["points_per_s"] for r in reps]),
             "lost": [r[kind]["lost"] for r in reps],
             "save_us_per_event": spread([r[kind]["save_us_per_event"] for r in reps]),
+            "full_gc_seconds": spread([r[kind].get("full_gc_seconds", 0.0) for r in reps]),
+            "full_gcs": [r[kind].get("full_gcs") for r in reps],
         }
         for kind in ("ours", "flare")
     }
@@ -218,14 +245,24 @@ def table(results) -> str:
         f"{cfg['points']:,} metric points from {cfg['sites']} sites ({len(KEYS)} values per event), into SQLite;"
         f" medians of {cfg['repeats']} repeat(s), alternating order\n\n"
     )
-    rows = ["| writer | points/s (min-max) | lost per repeat | save() per event |", "| --- | --- | --- | --- |"]
+    rows = [
+        "| writer | points/s (min-max) | lost per repeat | save() per event | full GCs per repeat (seconds, median) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for kind, label in (("ours", "this project's tracker"), ("flare", "FLARE's MLflowReceiver")):
         v = s[kind]
         p = v["points_per_s"]
         rows.append(
             f"| {label} | {p['median']:,.0f} ({p['min']:,.0f}-{p['max']:,.0f}) | {v['lost']} |"
-            f" {v['save_us_per_event']['median']:.0f} µs |"
+            f" {v['save_us_per_event']['median']:.0f} µs |{gc_cell(v)}"
         )
     c = s["store_ceiling"]["points_per_s"]
-    rows.append(f"| `MlflowClient.log_batch` alone, 1,000 per request | {c['median']:,.0f} | - | - |")
+    rows.append(f"| `MlflowClient.log_batch` alone, 1,000 per request | {c['median']:,.0f} | - | - | - |")
     return head + "\n".join(rows)
+
+
+def gc_cell(v) -> str:
+    """The full-collection column (results written before it was measured have none)."""
+    if "full_gc_seconds" not in v:
+        return " - |"
+    return f" {v['full_gcs']} ({v['full_gc_seconds']['median']:.1f} s) |"
