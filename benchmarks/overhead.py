@@ -187,7 +187,7 @@ def plot(results, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     s = results["summary"]
-    fig, ax = plt.subplots(figsize=(8, 2.8))
+    fig, ax = plt.subplots(figsize=(8, 3.2))
     ax.barh(1, s["floor_s"]["median"], color="#4c72b0", label="floor (training only)")
     left = 0.0
     colors = plt.get_cmap("tab10").colors
@@ -196,7 +196,7 @@ def plot(results, out: Path) -> None:
         left += v["median"]
     ax.set_yticks([0, 1], ["FLARE job, tracking on", "parallel plain Lightning"])
     ax.set_xlabel("seconds (medians)")
-    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.3))
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.42))
     ax.set_title("Where the time goes")
     fig.tight_layout()
     fig.savefig(out / "wall_time_breakdown.png", dpi=110)
