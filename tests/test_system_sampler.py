@@ -72,3 +72,14 @@ def test_a_bad_interval_is_one_line_naming_the_setting_and_its_owner(value):
         f"SiteExecutor: system_metrics_seconds must be a number of seconds in 0..3600 (0 = off), got {value!r}"
     )
     assert check_interval("SiteExecutor", 0) == 0.0 and check_interval("SiteExecutor", 2.5) == 2.5
+
+
+def test_the_first_sample_comes_after_a_second_not_after_a_whole_interval():
+    """A site of a short job lives less than the default 10 s: its run still gets a sample."""
+    first = threading.Event()
+    sampler = SystemSampler(3600, lambda records: first.set())
+    sampler.start()
+    try:
+        assert first.wait(30)  # an hour's interval, yet a sample
+    finally:
+        sampler.stop()

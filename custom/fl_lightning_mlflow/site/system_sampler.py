@@ -13,6 +13,7 @@ from collections.abc import Callable
 from fl_lightning_mlflow.common.protocol import SYSTEM_PREFIX
 
 MEGABYTE = 1024 * 1024
+FIRST_SAMPLE_SECONDS = 1.0  # the first sample's delay, however long the interval
 
 
 def check_interval(owner: str, seconds) -> float:
@@ -88,8 +89,13 @@ class SystemSampler:
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.seconds):
+        # The first sample comes after FIRST_SAMPLE_SECONDS (CPU use over that second), not after
+        # a whole interval: a site of a short job lives less than the default 10 s past its start,
+        # and its run's System metrics tab would stay empty.
+        wait = min(self.seconds, FIRST_SAMPLE_SECONDS)
+        while not self._stop.wait(wait):
             self.sample_once()
+            wait = self.seconds
 
     def sample_once(self) -> None:
         """Sample and send; a failure is said once and sampling goes on (training never stops for it)."""
