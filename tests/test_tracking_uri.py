@@ -172,3 +172,20 @@ def test_temporary_env_sets_for_the_block_and_restores_what_was_there(monkeypatc
         assert os.environ["FLTEST_KEPT"] == "during" and os.environ["FLTEST_NEW"] == "x"
         raise RuntimeError("the block fails")  # restored all the same
     assert os.environ["FLTEST_KEPT"] == "before" and "FLTEST_NEW" not in os.environ
+
+
+INVALID_HOST = (403, "Invalid Host header - possible DNS rebinding attack detected")
+
+
+@pytest.mark.parametrize("answering", [INVALID_HOST], indirect=True)
+def test_a_host_the_server_does_not_accept_is_named_not_blamed_on_the_credentials(answering, monkeypatch):
+    """MLflow's server answers 403 to a Host header it does not know, before any credential is
+    looked at: the line says so and names the server's setting, not the FL server's credentials."""
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "pw-123")
+    verdict, detail = probe_tracking_server(answering)
+    assert verdict == "refused" and "credentials" not in detail
+    assert "--allowed-hosts" in detail and "MLFLOW_SERVER_ALLOWED_HOSTS" in detail
+    verdict, message = check_server(answering)
+    assert verdict == "refused" and "MLFLOW_TRACKING_USERNAME" not in message
+    assert message.endswith("Stopping the job before training: nothing could be tracked")

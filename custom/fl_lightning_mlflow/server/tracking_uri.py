@@ -57,6 +57,10 @@ def _network_error(error: BaseException):
     return None
 
 
+INVALID_HOST = "Invalid Host header"  # the body of MLflow's 403 for a Host it does not accept
+INVALID_HOST_HINT = "--allowed-hosts"
+
+
 def probe_tracking_server(uri: str, timeout: float = 3.0) -> tuple:
     """One quick request to an MLflow server: ("ok" | "refused" | "unreachable", detail).
 
@@ -114,6 +118,13 @@ def _verdict(error) -> tuple:
         return "unreachable", redact_uri(f"{type(network).__name__}: {text}")
     # MLflow's status: the HTTP one, or the one its JSON error body names (UNAUTHENTICATED: 401).
     code = error.get_http_status_code()
+    if code == 403 and INVALID_HOST in str(error):
+        # MLflow's server refuses a Host header it does not know (its DNS-rebinding guard): the
+        # credentials were never looked at.
+        return "refused", (
+            f"{_status_text(code)}: the server does not accept the host name it was reached by; "
+            "start it with --allowed-hosts (or MLFLOW_SERVER_ALLOWED_HOSTS) naming that host"
+        )
     if code in (401, 403):
         # what MLflow's client sends: basic auth with both set, else a bearer token
         user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
@@ -131,6 +142,11 @@ def check_server(uri: str) -> tuple:
         return "ok", ""
     shown = redact_uri(uri)
     verdict, detail = probe_tracking_server(uri)
+    if verdict == "refused" and INVALID_HOST_HINT in detail:
+        return verdict, (
+            f"MLflow tracking server {shown} refused the FL server ({detail}). "
+            "Stopping the job before training: nothing could be tracked"
+        )
     if verdict == "refused":
         return verdict, (
             f"MLflow tracking server {shown} refused the FL server ({detail}); set MLFLOW_TRACKING_USERNAME "
