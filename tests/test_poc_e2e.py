@@ -217,7 +217,9 @@ def test_fl_server_killed_mid_round_is_recovered_and_the_next_job_runs(offline_d
     prod = workspace / "poc/example_project/prod_00"
     tracking = MlflowServer(tmp_path / "mlflow-server", free_port())
     tracking.start()
-    poc = ["--workspace", workspace, "--data-root", offline_data, "--rounds", "4", "--tracking-uri", tracking.uri]
+    # 4 local epochs: a round trains for several seconds, so the kills below land inside round 1
+    poc = ["--workspace", workspace, "--data-root", offline_data, "--rounds", "4", "--epochs", "4"]
+    poc += ["--tracking-uri", tracking.uri]
     try:
         script("poc.sh", *poc, "prepare")
         script("poc.sh", *poc, "start")
@@ -230,7 +232,7 @@ def test_fl_server_killed_mid_round_is_recovered_and_the_next_job_runs(offline_d
             assert time.monotonic() < deadline, "site-1 never started round 1"
             time.sleep(0.2)
         tracking.kill()  # the tracking server's host goes down first ...
-        time.sleep(3)  # ... while the sites train and stream round 1: accepted, journaled, unconfirmed
+        time.sleep(2.5)  # ... while the sites train and stream round 1: accepted, journaled, unconfirmed
         # The server's host goes down: its daemon, its process and the job's process, at once.
         server = [pid for pid, (cmd, _) in processes_under(workspace / "poc").items() if f"{prod}/server" in cmd]
         assert server
@@ -250,7 +252,7 @@ def test_fl_server_killed_mid_round_is_recovered_and_the_next_job_runs(offline_d
 
         job_dir = prod / "server" / job_id
         state = json.loads((job_dir / "mlflow_journal/state.json").read_text())
-        assert not state["ended"] and state["last_round"] == 0
+        assert not state["ended"] and state["last_round"] == 0, f"the kill came after round 1 ended: {state}"
         accepted = journal_points(job_dir / "mlflow_journal/items.jsonl")
 
         # Both come back: stale PID files cleared, tracking recovered, the zombie job ended in FLARE.
