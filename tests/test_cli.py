@@ -9,7 +9,7 @@ import urllib.request
 import pytest
 
 from conftest import JOB, REPO, live_processes
-from flctl.cli import main
+from flctl.cli import MODULES, build_parser, main
 from flctl.mlflow_server import MlflowServer, free_port
 
 CLIENT = "app/config/config_fed_client.json"
@@ -30,6 +30,9 @@ def flctl(*args, timeout=120):
         (["prepare-data", "--bogus"], "flctl prepare-data: unrecognized arguments: --bogus"),
         (["nonsense"], "flctl: argument SUBCOMMAND: invalid choice: 'nonsense'"),
         ([], "flctl: no subcommand given"),
+        (["rehearse", "--sites", "0"], "flctl rehearse: argument --sites: must be a positive integer, got '0'"),
+        (["project", "--bogus"], "flctl project: unrecognized arguments: --bogus"),
+        (["screenshots"], "flctl screenshots: the following arguments are required: --tracking-uri, --out"),
     ],
 )
 def test_argument_errors_are_one_line_and_fail(args, expected, capsys):
@@ -48,9 +51,15 @@ def test_a_failure_is_one_line_on_stderr(tmp_path, capsys):
     )
 
 
-@pytest.mark.parametrize(
-    "sub", ["prepare-data", "configure", "check", "simulate", "poc", "mlflow-server", "evaluate", "contents"]
-)
+SUBCOMMANDS = sorted(build_parser()._subparsers._group_actions[0].choices)  # every module's, as flctl registers them
+
+
+def test_every_module_registers_its_subcommand():
+    assert len(MODULES) == len(SUBCOMMANDS)
+    assert {"prepare-data", "simulate", "poc", "recover", "screenshots", "project", "rehearse"} <= set(SUBCOMMANDS)
+
+
+@pytest.mark.parametrize("sub", SUBCOMMANDS)
 def test_help_everywhere(sub, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([sub, "--help"])
