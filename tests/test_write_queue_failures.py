@@ -7,6 +7,7 @@ import json
 import logging
 import socket
 import subprocess
+import threading
 import types
 
 import mlflow
@@ -347,3 +348,27 @@ def test_an_item_that_is_not_json_is_kept_in_memory_and_its_batch_neighbours_are
     assert [entry[3] for entry in journaled] == [["a"], ["c"]]
     assert [entry[0] for entry in journaled] == [1, 3]  # the odd one's seq is not reused
     assert queue.close(5) == {}
+
+
+def test_new_items_do_not_cut_the_back_off_short_during_an_outage(store, tmp_path):
+    """While MLflow is down the writer waits retry_initial, doubling, between attempts; items
+    that keep arriving (each one wakes a writer that waits for work) must not make it retry at
+    the rate they arrive."""
+    uri, client, experiment = store
+    attempts = []
+
+    def hold(client):
+        attempts.append(1)
+        raise ConnectionError("tracking server down")
+
+    queue = WriteQueue(
+        uri, tmp_path / "journal", {"hold": hold, "noop": lambda client: None}, retry_initial=5, retry_max=5,
+        logger=logging.getLogger("wq-backoff"), dead_letter_file=tmp_path / "dead.jsonl",
+    )  # fmt: skip
+    queue.put(("call", "hold", []))
+    deadline = threading.Event()
+    for _ in range(100):  # about a second of arrivals, each notifying the writer
+        queue.put(("call", "noop", []))
+        deadline.wait(0.01)
+    assert len(attempts) <= 2, f"{len(attempts)} attempts within one back-off interval"
+    queue.close(0.5)

@@ -388,7 +388,10 @@ class WriteQueue:
                 self.log.warning(f"MLflow write failed, will retry (items kept): {type(error).__name__}: {message}")
             self.last_error = error
             with self._cond:
-                self._cond.wait(delay)
+                # Back off for real: new items notify this condition (the writer waiting for work
+                # wants them), so only close() or giving up may cut the wait short, once.
+                closing = self._closing
+                self._cond.wait_for(lambda closing=closing: self._closing != closing or self._abandon, delay)
             delay = min(delay * 2, self.retry_max)
 
     # ----- the end -----------------------------------------------------------------------------------
