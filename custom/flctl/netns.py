@@ -185,4 +185,9 @@ def connect(prefix: list, host: str, port: int, timeout: float = 3) -> str:
         "except OSError as e:\n print(f'{type(e).__name__}: {e}')\n"
     )
     done = subprocess.run([*prefix, _python(), "-c", code], capture_output=True, text=True, timeout=timeout + 30)
-    return (done.stdout.strip() or done.stderr.strip()).splitlines()[-1]
+    return last_line(done)
+
+
+def last_line(done: subprocess.CompletedProcess) -> str:
+    """What a probe snippet printed last (its verdict), or how it ended when it printed nothing."""
+    return (done.stdout.strip() or done.stderr.strip() or f"exit {done.returncode}").splitlines()[-1]

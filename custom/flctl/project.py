@@ -90,8 +90,8 @@ def check_description(description) -> list:
     host = server.get("host")
     if host and bad_name(host, "server"):
         problems.append(f"server host {host!r}: not a valid host name")
-    if "org" in server and bad_name(server["org"], "org"):
-        problems.append(f"server org {server['org']!r}: letters, digits or '_' only")
+    if "org" in server:  # optional for the server (it defaults), checked as every organisation is
+        problems += org_problems("server", server["org"])
     port = server.get("port", DEFAULT_PORT)
     if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
         problems.append(f"server port {port!r}: must be a number from 1 to 65535")

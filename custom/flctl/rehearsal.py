@@ -524,7 +524,7 @@ def check_plaintext_refused(r: Rehearsal) -> tuple:
         "print(repr(data[:60]))\n"
     )
     done = r.in_ns(site_name(1), [sys.executable, "-c", code], timeout=60)
-    answer = (done.stdout.strip() or done.stderr.strip()).splitlines()[-1]
+    answer = netns.last_line(done)
     # A TLS endpoint answers plaintext with a TLS alert (0x15 ...) or closes the connection.
     ok = done.returncode == 0 and "HTTP/" not in answer
     handshake = tls_handshake(r, site_name(1), cert=None, ca=r.prod / site_name(1) / "startup" / "rootCA.pem")
@@ -548,7 +548,7 @@ def tls_handshake(r: Rehearsal, host, cert, ca) -> str:
         "except (OSError, ssl.SSLError) as e:\n print(f'{type(e).__name__}: {e}')\n"
     )
     done = r.in_ns(host, [sys.executable, "-c", code], timeout=60)
-    return (done.stdout.strip() or done.stderr.strip() or f"exit {done.returncode}").splitlines()[-1]
+    return netns.last_line(done)
 
 
 def check_rogue_site_refused(r: Rehearsal) -> tuple:
@@ -581,7 +581,9 @@ def check_member_cannot_submit(r: Rehearsal) -> tuple:
     try:
         member.submit()
     except CliError as e:
-        return True, f"{MEMBER} (role member): {e}"
+        # Only FLARE's refusal of the right counts: any other failure (nothing running, a broken
+        # config, the network) says nothing about authorization.
+        return "not authorized" in str(e), f"{MEMBER} (role member): {e}"
     return False, f"{MEMBER} (role member) submitted job {member.job_id}"
 
 
@@ -627,8 +629,14 @@ def rehearse(folder, sites, rounds, epochs, timeout, compare=True, say=say) -> d
                 say(f"rehearse:   {line}")
             if diffs:
                 failed.append("comparison with the simulator")
-    finally:
-        r.down()
+    except BaseException:
+        # The failure on its way out is the one to see; a teardown problem after it is one more line.
+        try:
+            r.down()
+        except Exception as e:  # noqa: BLE001 - said, so the original failure stays the one raised
+            say(f"rehearse: also: {e}")
+        raise
+    r.down()
     r.report["seconds"] = round(time.monotonic() - started)
     say(f"rehearse: done in {r.report['seconds']} s")
     if failed:
