@@ -16,8 +16,9 @@ def store(tmp_path):
 def test_it_finds_the_newest_federation_run_its_site_and_its_model(store):
     uri, client = store
     exp = client.create_experiment("job")
-    old = client.create_run(exp, run_name="old", tags={"role": "federation"}).info.run_id
-    parent = client.create_run(exp, run_name="job", tags={"role": "federation"}).info.run_id
+    # explicit start times: two runs made in the same millisecond would tie, broken by run id
+    old = client.create_run(exp, start_time=1_000, run_name="old", tags={"role": "federation"}).info.run_id
+    parent = client.create_run(exp, start_time=2_000, run_name="job", tags={"role": "federation"}).info.run_id
     site = client.create_run(exp, run_name="site-1", tags={"mlflow.parentRunId": parent}).info.run_id
     client.create_run(exp, run_name="site-9", tags={"mlflow.parentRunId": old})
     client.create_registered_model("job-global")
