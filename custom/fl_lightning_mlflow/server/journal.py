@@ -2,7 +2,8 @@
 
 Files in the job's journal folder (JOURNAL_DIR in the server's job workspace):
   items.jsonl   one JSON line [seq, kind, ...] per accepted item, appended as it is accepted
-                (one write(2) each: a killed FL server process loses none of them) and fsynced
+                (one write(2) per accepted batch, done before it is accepted: a killed FL server process
+                loses none of them) and fsynced
                 every `sync_seconds` by a thread of its own (a crash of the machine loses at
                 most that window);
   cursor        the highest seq up to which every item is settled: written to MLflow, or
