@@ -182,3 +182,28 @@ def test_close_does_not_wait_out_the_linger(store, tmp_path):
     queue.put(("metric", "site-1", "loss", 0.5, 0, 0))
     assert queue.close(60) == {}  # closing ends the wait at once: a 600 s linger would fail this
     assert len(client.get_metric_history(queue.run_ids["site-1"], "loss")) == 1
+
+
+def test_points_that_arrive_while_a_request_is_out_get_a_linger_of_their_own(store, tmp_path):
+    """A slow request (a slow store, a remote server) must not leave the points that arrived
+    meanwhile to go out a few at a time: their linger starts when they began to wait."""
+    uri, client, experiment = store
+    CountingQueue.requests = 0
+    slow_started = threading.Event()
+
+    def slow(client):
+        slow_started.set()
+        time.sleep(0.6)  # longer than the linger
+
+    queue = CountingQueue(uri, tmp_path / "journal", actions={"slow": slow}, batch_linger=0.4)
+    queue.run_ids["site-1"] = client.create_run(experiment).info.run_id
+    queue.put(("call", "slow", []))
+    assert slow_started.wait(10)
+    for step in range(300):  # arriving for about 1.5 s: while the slow request is out, and after
+        queue.put(("metric", "site-1", "loss", 0.5, 0, step))
+        time.sleep(0.005)
+    assert queue.drain(60)
+    assert queue.close(5) == {}
+    assert len(client.get_metric_history(queue.run_ids["site-1"], "loss")) == 300
+    # the call, then a request per linger or so; sent as soon as anything waits, it would be dozens
+    assert CountingQueue.requests <= 8, CountingQueue.requests

@@ -101,7 +101,11 @@ class WriteQueue:
         self.max_memory_items = max_memory_items
         self.retry_initial, self.retry_max, self.idle_flush = retry_initial, retry_max, idle_flush
         self.batch_linger = batch_linger
-        self._filled_since = 0.0  # when the queue last went from empty to holding items
+        self._filled_since = 0.0  # when the oldest waiting items began to wait (the linger's start)
+        # While a request is out: the first seq it could not include, and when the first item
+        # arrived after it was taken (those items start a linger of their own once it settles).
+        self._request_seq = None
+        self._arrived_during_request = None
         self.unknown_error_attempts = max(1, unknown_error_attempts)
         self.log = logger or logging.getLogger(__name__)
         self._memory = collections.deque()
@@ -154,6 +158,8 @@ class WriteQueue:
             queued = len(self._memory)
             if before == 0 and queued:
                 self._filled_since = time.monotonic()
+            if self._request_seq is not None and self._arrived_during_request is None:
+                self._arrived_during_request = time.monotonic()
             full = queued // MAX_METRICS_PER_BATCH > before // MAX_METRICS_PER_BATCH
             if spill or (before == 0 and queued) or full or any(item[0] == "call" for item in items):
                 self._cond.notify_all()
@@ -202,6 +208,7 @@ class WriteQueue:
                 self.journal.read_into(self._memory, max(1, self.max_memory_items // 2))
                 if not self._memory:
                     return []
+            self._request_seq, self._arrived_during_request = self.journal.next_seq, None
             first = self._memory[0][1]
             if first[0] == "call":
                 return [(0, first)]
@@ -238,6 +245,13 @@ class WriteQueue:
                     # system/ points are monitoring, outside delivery accounting (records.RecordChecker)
                     (self.written_by_run if result == "written" else self.refused_by_run)[item[1]] += 1
             self._memory.extendleft(reversed(keep))
+            # Items that all arrived while the request was out have waited only since then: their
+            # linger starts there (items older than the request keep theirs, already run out).
+            if self._memory and self._request_seq is not None:
+                oldest = min(s for s, _ in self._memory) if self._unordered else self._memory[0][0]
+                if oldest >= self._request_seq:
+                    self._filled_since = self._arrived_during_request or time.monotonic()
+            self._request_seq = self._arrived_during_request = None
             self._cond.notify_all()
 
     # ----- writer thread: sending -------------------------------------------------------------------
