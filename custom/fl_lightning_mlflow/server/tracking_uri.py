@@ -57,8 +57,13 @@ def _network_error(error: BaseException):
     return None
 
 
-INVALID_HOST = "Invalid Host header"  # the body of MLflow's 403 for a Host it does not accept
-INVALID_HOST_HINT = "--allowed-hosts"
+# The start of the body of MLflow's 403 for a Host header it does not accept (INVALID_HOST_MSG in
+# mlflow.server.security_utils, whose import costs the FL server 2 s of Flask).
+INVALID_HOST = "Invalid Host header"
+CREDENTIALS_ADVICE = (
+    "; set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the FL server's "
+    "environment"
+)
 
 
 def probe_tracking_server(uri: str, timeout: float = 3.0) -> tuple:
@@ -68,6 +73,11 @@ def probe_tracking_server(uri: str, timeout: float = 3.0) -> tuple:
     (connection, DNS, TLS, timeout); any other HTTP error is the server's problem, which the
     write queue's retries may outlive, so "ok". The detail never holds a credential.
     """
+    return _probe(uri, timeout)[:2]
+
+
+def _probe(uri: str, timeout: float = 3.0) -> tuple:
+    """probe_tracking_server's answer, with the advice that goes with a refusal ("" otherwise)."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -75,11 +85,11 @@ def probe_tracking_server(uri: str, timeout: float = 3.0) -> tuple:
     with temporary_env(settings):
         try:
             MlflowClient(uri).search_experiments(max_results=1)
-            return "ok", ""
+            return "ok", "", ""
         except MlflowException as e:
             return _verdict(e)
         except Exception as e:  # noqa: BLE001 - anything else (bad URL, TLS setup): no verdict on credentials
-            return "unreachable", redact_uri(f"{type(e).__name__}: {str(e)[:200]}")
+            return "unreachable", redact_uri(f"{type(e).__name__}: {str(e)[:200]}"), ""
 
 
 @contextlib.contextmanager
@@ -112,26 +122,27 @@ def _verdict(error) -> tuple:
         # A status MLflow retries (429, 5xx) ends as a "retry" error: no MLflow behind the address.
         retried = RETRIED_STATUS.search(str(network))
         if retried:
-            return "unreachable", _status_text(int(retried.group(1)))
+            return "unreachable", _status_text(int(retried.group(1))), ""
         found = ERRNO.search(str(network))
         text = found.group(0).strip() if found else str(network)[:200]
-        return "unreachable", redact_uri(f"{type(network).__name__}: {text}")
+        return "unreachable", redact_uri(f"{type(network).__name__}: {text}"), ""
     # MLflow's status: the HTTP one, or the one its JSON error body names (UNAUTHENTICATED: 401).
     code = error.get_http_status_code()
     if code == 403 and INVALID_HOST in str(error):
         # MLflow's server refuses a Host header it does not know (its DNS-rebinding guard): the
         # credentials were never looked at.
-        return "refused", (
+        detail = (
             f"{_status_text(code)}: the server does not accept the host name it was reached by; "
             "start it with --allowed-hosts (or MLFLOW_SERVER_ALLOWED_HOSTS) naming that host"
         )
+        return "refused", detail, ""
     if code in (401, 403):
         # what MLflow's client sends: basic auth with both set, else a bearer token
         user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
         sent = bool((user and password) or os.environ.get("MLFLOW_TRACKING_TOKEN"))
         given = "the credentials were refused" if sent else "no credentials were set"
-        return "refused", f"{_status_text(code)}: {given}"
-    return "ok", _status_text(code)
+        return "refused", f"{_status_text(code)}: {given}", CREDENTIALS_ADVICE
+    return "ok", _status_text(code), ""
 
 
 def check_server(uri: str) -> tuple:
@@ -141,16 +152,10 @@ def check_server(uri: str) -> tuple:
     if not uri.startswith(("http://", "https://")):
         return "ok", ""
     shown = redact_uri(uri)
-    verdict, detail = probe_tracking_server(uri)
-    if verdict == "refused" and INVALID_HOST_HINT in detail:
-        return verdict, (
-            f"MLflow tracking server {shown} refused the FL server ({detail}). "
-            "Stopping the job before training: nothing could be tracked"
-        )
+    verdict, detail, advice = _probe(uri)
     if verdict == "refused":
         return verdict, (
-            f"MLflow tracking server {shown} refused the FL server ({detail}); set MLFLOW_TRACKING_USERNAME "
-            "and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the FL server's environment. "
+            f"MLflow tracking server {shown} refused the FL server ({detail}){advice}. "
             "Stopping the job before training: nothing could be tracked"
         )
     if verdict == "unreachable":
