@@ -17,6 +17,7 @@ global model the site received, measured on its validation data before local tra
 validation samples (VAL_SAMPLES_META).
 """
 
+import functools
 import re
 
 # ----- FLARE events ------------------------------------------------------------------------
@@ -54,8 +55,10 @@ REGISTERED_MODEL_STATS_KEY = "registered_model"  # the registry name, its aliase
 PARENT_RUN_KEY = "__parent__"  # the federation's run in the stats file's run_ids; sites are keyed by name
 
 
+@functools.lru_cache(maxsize=10_000)  # every point of a series repeats its name: checked once
 def check_key(key) -> str | None:
-    """Why MLflow would refuse this metric, param or tag name, or None."""
+    """Why MLflow would refuse this metric, param or tag name, or None (names are dict keys:
+    hashable)."""
     if not isinstance(key, str) or not key:
         return "empty or not a string"
     if len(key) > MAX_KEY_LENGTH:

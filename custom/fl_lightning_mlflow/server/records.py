@@ -20,7 +20,6 @@ from fl_lightning_mlflow.common.protocol import (
 from fl_lightning_mlflow.server.dataset_inputs import problem_of
 
 LIMITS = {"param": MAX_PARAM_VALUE_LENGTH, "tag": MAX_TAG_VALUE_LENGTH}
-MAX_CHECKED_KEYS = 10_000  # metric names remembered as valid (beyond that, checked every time)
 
 
 def _has_values(record) -> bool:
@@ -45,7 +44,6 @@ class RecordChecker:
         self.rejected_items = collections.Counter()
         self.truncated = collections.Counter()
         self._auto_step = collections.Counter()  # (site, name) -> next step when none is given
-        self._good_keys = set()  # metric names that passed check_key
 
     def metrics(self, site: str, records) -> list:
         """records: [[step, round, {name: value}], ...] (FlareLogger's batch). Returns the
@@ -71,12 +69,8 @@ class RecordChecker:
         return points
 
     def _metric(self, site, key, value, step):
-        # A name checked once is not checked again (every point of a series repeats it).
-        if key not in self._good_keys:
-            if self.reject(site, "metric", key):
-                return None
-            if len(self._good_keys) < MAX_CHECKED_KEYS:
-                self._good_keys.add(key)
+        if self.reject(site, "metric", key):
+            return None
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             self.reject(site, "metric", key, f"has a {type(value).__name__} value, not a number")
             return None
