@@ -63,25 +63,7 @@ def build(spec: dict, raw: dict, where: str, path, problems: Problems):
     if not isinstance(args, dict):
         problems.append(f"{where}.args: must be an object, got {type(args).__name__}")
         return None
-    params = inspect.signature(cls).parameters
-    takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
-    named = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    if takes_any and hasattr(cls, "__mro__"):  # e.g. PTExecutor(**kwargs) -> LightningExecutor
-        for base in cls.__mro__[1:]:
-            if "__init__" in vars(base):
-                named += [n for n in inspect.signature(base).parameters if n not in named and n != "self"]
-                break
-    ok = True
-    for name in args:
-        if name not in named:
-            close = difflib.get_close_matches(name, named, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else f"; it takes {sorted(named)}"
-            problems.append(f"{where}.args: {cls.__name__} has no argument {name!r}{hint}")
-            ok = False
-    for name, p in params.items():
-        if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name not in args:
-            problems.append(f"{where}.args: {cls.__name__} needs argument {name!r}")
-            ok = False
+    ok = check_arguments(cls, args, where, problems)
     raw_args = raw.get("args") if isinstance(raw.get("args"), dict) else {}
     for name, low in RANGES.get(cls.__name__, {}).items():
         value = args.get(name)
@@ -105,3 +87,29 @@ def build(spec: dict, raw: dict, where: str, path, problems: Problems):
     except Exception as e:
         problems.append(f"{where}: {cls.__name__} refused its arguments: {type(e).__name__}: {e}")
         return None
+
+
+def check_arguments(cls, args: dict, where: str, problems: Problems, filled=()) -> bool:
+    """Every argument one cls takes (with a "did you mean"), none it requires missing; filled:
+    arguments the caller supplies itself (the engine fills in a DataModule's site)."""
+    params = inspect.signature(cls).parameters
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    named = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if takes_any and hasattr(cls, "__mro__"):  # e.g. PTExecutor(**kwargs) -> LightningExecutor
+        for base in cls.__mro__[1:]:
+            if "__init__" in vars(base):
+                named += [n for n in inspect.signature(base).parameters if n not in named and n != "self"]
+                break
+    ok = True
+    for name in args:
+        if name not in named:
+            close = difflib.get_close_matches(name, named, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f"; it takes {sorted(named)}"
+            problems.append(f"{where}.args: {cls.__name__} has no argument {name!r}{hint}")
+            ok = False
+    for name, p in params.items():
+        required = p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        if required and name not in args and name not in filled:
+            problems.append(f"{where}.args: {cls.__name__} needs argument {name!r}")
+            ok = False
+    return ok

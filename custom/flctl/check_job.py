@@ -12,14 +12,17 @@ Checks, in order:
   - ranges: rounds >= 1, min clients between 1 and the number of sites, timeouts >= 0;
     the site's own (epochs, batch size, learning rate) are enforced by the constructor of the
     executor or training engine that takes them;
-  - the model selector's key_metric is one the sites report (the reported_metrics of the
-    site's executor or engine, else fl_lightning_mlflow.common.protocol.REPORTED_METRICS);
+  - the engine's module (or network) and datamodule, and the initial model's module: the class
+    imports, the arguments exist (with a "did you mean"), "config_type": "dict" is there;
   - the algorithm holds together: a ScatterAndGatherScaffold workflow's aggregator expects the
     collection of weight and control differences and the sites' engines support SCAFFOLD; what
     the tracker's fl_params record (algorithm, fedprox_mu) is what the sites and server run;
   - the tracking URI parses (sqlite:////abs.db, http://host:port, ...);
-  - for each site (site-1 .. site-N): the data folder, the split and the data files read,
-    with the right image shape and labels (--no-data skips this).
+  - for each site (site-1 .. site-N): the engine builds the site's DataModule and reads its
+    data (the DataModule's own line when it cannot); on the first site's data, a dry validation
+    step of one batch with the server's initial model loaded: the weights fit the module, and
+    the server's key_metric is global_<a name the module logs in validation> (the site's
+    key_metric one of those names) (--no-data skips all this).
 Exits 0 and prints one summary line when the job is fine, else 1 with one line per problem
 on stderr. Nothing is written anywhere.
 """
@@ -28,7 +31,7 @@ import json
 import sys
 from pathlib import Path
 
-from flctl.build_components import VAR_REF, Problems, build, origin
+from flctl.build_components import VAR_REF, Problems, build, check_arguments, import_class, origin
 from flctl.errors import CliError, positive_int
 
 CONFIGS = {
@@ -165,50 +168,118 @@ def _check_job(job: Path, sites: int | None, data_root: str | None, check_data: 
         return problems, ""
 
     server_path = job / CONFIGS["server"]
-    reported = reported_metrics([obj for (side, _), (obj, _, _) in built.items() if side == "client"])
-    data_roots = set()
+    for (side, cid), (_, spec, _) in built.items():
+        for name, nested in (spec.get("args") or {}).items():
+            check_user_class(name, nested, f"{job / CONFIGS[side]}: component {cid!r}: {name}", problems)
     min_clients = [meta_min or 1]
     for (side, cid), (_, spec, raw) in built.items():
         args = spec.get("args") or {}
-        if side == "server" and KEY_METRIC_ARG in args and reported and args[KEY_METRIC_ARG] not in reported:
-            problems.add(
-                server_path,
-                f"component {cid!r}: key_metric {args[KEY_METRIC_ARG]!r} is never reported by the sites "
-                f"(they report {sorted(reported)})",
-            )
         if side == "server" and isinstance(args.get("min_clients"), int):
             min_clients.append(args["min_clients"])
             if sites is not None and args["min_clients"] > sites:
                 at = origin(raw["args"].get("min_clients"), f"{server_path}: {cid!r}", "min_clients", server_path)
                 problems.append(f"{at}: min_clients is {args['min_clients']} but only {sites} site(s) run")
-        if side == "client" and isinstance(args.get("data_root"), str):
-            data_roots.add(args["data_root"])
     for line in check_algorithm(built, server_path, job / CONFIGS["client"]):
         problems.append(line)
     if problems or not check_data:
         return problems, f"{len(built)} components"
 
-    if data_root:
-        data_roots = {data_root}
-    if sites is None:  # as many as the split was made for; without a split, as many as the job needs
-        sites = split_sites(data_roots) or max(min_clients)
-    try:
-        from fl_lightning_mlflow.site.data import SiteDataError, SiteDataModule
-    except ImportError as e:
-        problems.add(job, f"cannot check the sites' data: {type(e).__name__}: {e}")
-        return problems, ""
+    from fl_lightning_mlflow.site.engine import SiteEngine
 
-    checked = 0
-    for root in sorted(data_roots):
-        for site in site_names(sites):
-            try:
-                SiteDataModule(root, site).load()
-                checked += 1
-            except SiteDataError as e:
-                problems.append(str(e))
-                if not Path(root).is_dir():
-                    break  # one line for a missing folder, not one per site
+    engines = [
+        (cid, obj) for (side, cid), (obj, _, _) in built.items() if side == "client" and isinstance(obj, SiteEngine)
+    ]
+    if not engines:
+        return problems, f"{len(built)} components"
+    cid, engine = engines[0]
+    client_path = job / CONFIGS["client"]
+    if data_root:
+        engine.args.datamodule.setdefault("args", {})["data_root"] = data_root
+    root = (
+        (engine.args.datamodule.get("args") or {}).get("data_root")
+        if isinstance(engine.args.datamodule, dict)
+        else None
+    )
+    if sites is None:  # as many as the split was made for; without a split, as many as the job needs
+        sites = split_sites([root] if root else []) or max(min_clients)
+    checked, reported = 0, None
+    for site in site_names(sites):
+        try:
+            engine._setup_data(site)
+            checked += 1
+        except ValueError as e:  # the DataModule's own line (it names the site and the path)
+            problems.append(str(e))
+            if root and not Path(root).is_dir():
+                break  # one line for a missing folder, not one per site
+            continue
+        if reported is None:
+            reported = dry_validation(engine, built, client_path, server_path, problems)
+    if reported is not None:
+        check_key_metrics(built, reported, client_path, server_path, problems)
     return problems, f"{len(built)} components, data for {checked} site(s)"
+
+
+USER_CLASS_ARGS = {"module": (), "network": (), "datamodule": ("site",)}  # and the arguments the engine fills in
+
+
+def check_user_class(name, spec, where: str, problems: Problems) -> None:
+    """A user's class named by an engine's (or the initial model's) module, network or datamodule:
+    it imports and takes its arguments (it is built by the dry run, with the site filled in)."""
+    if name not in USER_CLASS_ARGS or not isinstance(spec, dict) or "path" not in spec:
+        return
+    if spec.get("config_type", "component") != "dict":
+        problems.append(f'{where}: needs "config_type": "dict" (FLARE would build it before the site is known)')
+        return
+    try:
+        cls = import_class(spec["path"])
+    except Exception as e:
+        problems.append(f"{where}: class path {spec['path']!r} does not import: {type(e).__name__}: {e}")
+        return
+    check_arguments(cls, spec.get("args") or {}, where, problems, filled=USER_CLASS_ARGS[name])
+
+
+def dry_validation(engine, built: dict, client_path: Path, server_path: Path, problems: Problems) -> set | None:
+    """The names the module logs in validation, from one validation batch of the first site's data,
+    with the server's initial global model loaded (so a module the server builds differently is
+    found here); None when it cannot run."""
+    names = engine.dry_validation(initial_weights(built))
+    if isinstance(names, str):
+        problems.append(f"{client_path}: dry validation on site {engine.site}'s data: {names}")
+        return None
+    return names
+
+
+def initial_weights(built: dict):
+    """The server's initial global weights (its persistor's model), or None."""
+    for (side, _), (obj, _, _) in built.items():
+        model = getattr(obj, "model", None) if side == "server" else None
+        if model is not None and hasattr(model, "state_dict"):
+            return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    return None
+
+
+def check_key_metrics(built: dict, reported: set, client_path: Path, server_path: Path, problems: Problems) -> None:
+    """The server's key_metric is a global_ name of one the module logs in validation; the site's
+    key_metric (its best local model) is one of those names."""
+    from fl_lightning_mlflow.common.protocol import GLOBAL_PREFIX
+
+    global_names = {GLOBAL_PREFIX + n for n in reported}
+    for (side, cid), (_, spec, _) in built.items():
+        key = (spec.get("args") or {}).get(KEY_METRIC_ARG)
+        if not isinstance(key, str) or not key:
+            continue
+        if side == "server" and key not in global_names:
+            problems.add(
+                server_path,
+                f"component {cid!r}: key_metric {key!r} is never reported by the sites "
+                f"(they report {sorted(global_names)})",
+            )
+        if side == "client" and key not in reported:
+            problems.add(
+                client_path,
+                f"component {cid!r}: key_metric {key!r} is not a metric the module logs in validation "
+                f"({sorted(reported)})",
+            )
 
 
 SCAFFOLD_WORKFLOWS = ("ScatterAndGatherScaffold",)
@@ -256,27 +327,6 @@ def check_algorithm(built: dict, server_path: Path, client_path: Path) -> list:
         elif algorithm is not None and algorithm != "SCAFFOLD" and scaffold:
             problems.append(f"{at} record algorithm {algorithm!r}, but workflow {scaffold[0]!r} runs SCAFFOLD")
     return problems
-
-
-def reported_metrics(site_objects) -> set:
-    """Names of the metrics the sites report for the received global model: the reported_metrics
-    of the site's executor, of a training engine it holds or of an engine component; for this
-    project's site code without such an attribute, its wire protocol's REPORTED_METRICS."""
-    found, ours = set(), False
-    for obj in site_objects:
-        held = [v for v in vars(obj).values() if hasattr(v, "reported_metrics")] if hasattr(obj, "__dict__") else []
-        for each in (obj, *held):
-            names = getattr(each, "reported_metrics", None)
-            if isinstance(names, (list, tuple, set, frozenset)):
-                found |= {n for n in names if isinstance(n, str)}
-        ours |= type(obj).__module__.startswith("fl_lightning_mlflow.")
-    if not found and ours:
-        try:
-            from fl_lightning_mlflow.common.protocol import REPORTED_METRICS
-        except ImportError:
-            return found
-        found = set(REPORTED_METRICS)
-    return found
 
 
 def split_sites(data_roots) -> int | None:

@@ -25,11 +25,11 @@ import numpy as np
 
 from flctl.errors import CliError, default_data_root, positive_int
 
-NUM_CLASSES = 10  # CIFAR-10; fl_lightning_mlflow.site.data (slow to import) is loaded when needed
+NUM_CLASSES = 10  # CIFAR-10; the example's cifar10_example.data (slow to import) is loaded when needed
 
 
 def _site_data():
-    from fl_lightning_mlflow.site import data
+    from cifar10_example import data
 
     return data
 

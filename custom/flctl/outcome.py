@@ -14,7 +14,8 @@ from fl_lightning_mlflow.common.protocol import REGISTERED_MODEL_STATS_KEY, STAT
 
 MODEL_FILE = "FL_global_model.pt"
 BEST_MODEL_FILE = "best_FL_global_model.pt"
-ROUND_METRIC = "global_val_acc"  # logged once per round on the federation's run (step = round)
+# Logged once per round on the federation's run (step = round), whatever the model measures.
+ROUND_METRIC = "contributing_sites"  # fl_lightning_mlflow.server.summary.CONTRIBUTING_SITES
 
 
 @dataclass

@@ -6,8 +6,11 @@ Prepares the data and the per-site split when the split on disk is not the one a
 configures a copy of the job (the job's own folder is never edited), checks it (flctl check)
 and starts nothing when it has a problem, runs `nvflare simulator`, then judges the run from
 what it left (the tracker's stats file, the global model files, the rounds on the federation's
-MLflow run), prints the final global model's test accuracy, where the MLflow data is and how
-to view it. Each run gets its own folder WORKSPACE/runs/<time>; WORKSPACE/latest points to it.
+MLflow run), prints the final global model's test metrics (the module's own test_step on the
+DataModule's test loader), the best round by the key metric, where the MLflow data is and how
+to view it. The CIFAR-10 split is prepared only for jobs that train the CIFAR-10 example's
+DataModule; any other DataModule prepares its own data (its prepare_data, as Lightning's).
+Each run gets its own folder WORKSPACE/runs/<time>; WORKSPACE/latest points to it.
 """
 
 import os
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from fl_lightning_mlflow.common.protocol import BEST_MODEL_STATS_KEY
 from flctl import data_prep
 from flctl.check_job import check_or_fail
 from flctl.configure import JobConfigError, configure_job
@@ -41,7 +45,7 @@ class Simulation:
     returncode: int
     log: str
     outcome: Outcome | None = None
-    accuracy: float | None = None
+    test_metrics: dict | None = None
     n_test: int | None = None
 
 
@@ -149,14 +153,29 @@ def ensure_data(data_root, sites, alpha=None, seed=0, offline=False, say=print) 
         data_prep.prepare(data_root, sites, alpha, seed, offline=offline, say=say)
 
 
+CIFAR_DATAMODULE = "cifar10_example."  # the example whose split flctl prepare-data makes
+
+
+def uses_cifar_data(job) -> bool:
+    """Whether the job's engine trains the CIFAR-10 example's DataModule (its split is ours to make)."""
+    from flctl.evaluate import job_specs
+
+    try:
+        _, datamodule = job_specs(job)
+    except CliError:
+        return False
+    return str(datamodule.get("path", "")).startswith(CIFAR_DATAMODULE)
+
+
 def job_settings(sites, rounds, epochs, data_root, tracking_uri=None, experiment=None, extra=None) -> dict:
     settings = {
         "server.num_rounds": rounds,
         "server.min_clients": sites,
         "meta.min_clients": sites,
         "client.local_epochs": epochs,
-        "client.data_root": str(data_root),
     }
+    if data_root is not None:
+        settings["client.data_root"] = str(data_root)
     if tracking_uri:
         settings["server.tracking_uri"] = tracking_uri
     if experiment:
@@ -189,9 +208,13 @@ def simulate(
 ) -> Simulation:
     """The whole run; CliError on a failure before the simulator starts or a failed run."""
     job_src = resolve_job(job)
-    data_root = default_data_root(data_root, offline)
+    cifar = uses_cifar_data(job_src)
+    if cifar:
+        data_root = default_data_root(data_root, offline)
+    elif data_root is not None:
+        data_root = Path(data_root).expanduser().resolve()
     workspace = Path(workspace).expanduser().resolve()
-    if prepare:
+    if prepare and cifar:
         ensure_data(data_root, sites, alpha, seed, offline, say)
     run_dir = workspace / "runs" / f"{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -222,15 +245,22 @@ def simulate(
     if evaluate:
         from flctl.evaluate import evaluate as evaluate_model
 
-        run.accuracy, run.n_test = evaluate_model(run.outcome.model, data_root)
+        run.test_metrics, run.n_test = evaluate_model(job_copy, run.outcome.model)
     return run
 
 
 def report(run: Simulation, tracking_uri, started: float, what: str) -> None:
     o = run.outcome
     print(f"\ndone in {time.monotonic() - started:.0f} s: {what}")
-    if run.accuracy is not None:
-        print(f"final global model test accuracy: {run.accuracy:.4f} on {run.n_test} held-out images")
+    if run.test_metrics is not None:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(run.test_metrics.items())) or "(no test metric logged)"
+        print(f"final global model on {run.n_test} held-out samples: {shown}")
+    best = (o.stats or {}).get(BEST_MODEL_STATS_KEY)
+    if best:
+        better = "lower" if best.get("mode") == "min" else "higher"
+        value = best.get("value")
+        value = f"{value:.4f}" if isinstance(value, (int, float)) else value
+        print(f"best round:      {best.get('round')} ({best.get('key_metric')} {value}; {better} is better)")
     print(f"global models:  {o.model}")
     if o.best_model:
         print(f"                {o.best_model}")
@@ -267,7 +297,11 @@ def register(subparsers) -> None:
     p.add_argument("--epochs", type=positive_int, default=1, help="local epochs per round (default 1)")
     p.add_argument("--alpha", type=float, help="Dirichlet non-IID split with concentration A (default: IID)")
     p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
-    p.add_argument("--data-root", help="data folder (default /tmp/nvflare/data/cifar10 or .../offline-cifar10)")
+    p.add_argument(
+        "--data-root",
+        help="data folder (CIFAR-10 jobs: /tmp/nvflare/data/cifar10 or .../offline-cifar10; "
+        "other jobs: their data_root variable)",
+    )
     p.add_argument("--workspace", default="/tmp/nvflare/hello-lightning-mlflow", help="where runs go")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: mlflow.db in the server's job folder)")
     p.add_argument("--experiment", help="MLflow experiment name (default: the job's)")

@@ -34,9 +34,9 @@ RECORDS_KWARG = "records"
 # ----- train results -------------------------------------------------------------------------
 GLOBAL_PREFIX = "global_"  # the received global model's metrics, before local training
 VAL_SAMPLES_META = "val_samples"  # DXO meta: how many samples a site's metrics were computed on
-# Names the train task reports for the received global model (MetaKey.INITIAL_METRICS): the
-# ones a server-side model selector's key_metric may use (flctl check verifies it).
-REPORTED_METRICS = (f"{GLOBAL_PREFIX}val_acc", f"{GLOBAL_PREFIX}val_loss")
+# The train task reports the received global model's validation metrics (MetaKey.INITIAL_METRICS)
+# under the names the module logs them, prefixed: a server-side model selector's key_metric is one
+# of those (flctl check finds them with a dry validation step).
 
 # ----- MLflow's limits, respected by both sides ---------------------------------------------
 MAX_METRICS_PER_BATCH = 1000  # log_batch
@@ -52,6 +52,7 @@ MAX_ITEMS_PER_EVENT = 20_000
 # ----- what the FL server leaves in its job folder for tooling (flctl, tests, benchmarks) -----
 STATS_FILE = "mlflow_tracking_stats.json"  # status, received / written / lost / rejected counts, run ids
 REGISTERED_MODEL_STATS_KEY = "registered_model"  # the registry name, its aliases' versions and models:/ URIs
+BEST_MODEL_STATS_KEY = "best_model"  # {"round", "key_metric", "value", "mode"}: the selector's pick
 PARENT_RUN_KEY = "__parent__"  # the federation's run in the stats file's run_ids; sites are keyed by name
 
 

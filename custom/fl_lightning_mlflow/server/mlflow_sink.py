@@ -108,6 +108,8 @@ class MLflowSink:
             "sites": self.sites,
             "run_ids": dict(self.queue.run_ids),
             "last_round": self.last_round,
+            "model_spec": self.models.model_spec,  # recovery builds the logged models from it
+            "model_input": self.models.input_spec,  # and gives them this input example
             "ended": self.ended,
             "pid": os.getpid(),
         }
@@ -300,6 +302,9 @@ class MLflowSink:
             self.log.warning(f"MLflow: round {fl_round}'s global model is gone ({path}); not logged")
 
     def _log_inputs(self, client, site, contexts):
+        if self.models.input_spec is None:
+            self.models.saw_inputs(contexts)  # here, in the writer's order: a recovery replays it too
+            self.save_state()
         client.log_inputs(self._run_id(site), datasets=[dataset_input(c, text) for c, text in contexts])
 
     # ----- the account ---------------------------------------------------------------------------

@@ -13,13 +13,17 @@ again, and a model version by its tags before one is registered (the tags go wit
 registration request, so no retry can leave an untagged version behind).
 """
 
+import copy
 import importlib
+import json
 import sys
 from importlib import metadata
 from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 
+from fl_lightning_mlflow.common.class_spec import build
+from fl_lightning_mlflow.server.dataset_inputs import input_spec_of
 from fl_lightning_mlflow.server.write_errors import refusal
 
 JOB_UID_TAG = "fl_job_uid"  # unique per job start, on every run and registered version of the job
@@ -58,6 +62,22 @@ def import_mlflow_pytorch():
     return importlib.import_module("mlflow.pytorch")
 
 
+def code_path(cls) -> str:
+    """What code_paths ships for a model class: its whole top-level package (or its module file),
+    so the pickled class imports where the model loads, without the user's code installed there."""
+    top = sys.modules[cls.__module__.partition(".")[0]]
+    path = Path(top.__file__)
+    return str(path.parent if path.name == "__init__.py" else path)
+
+
+def requirements(net) -> list:
+    """What loading the model needs: torch, and Lightning for a LightningModule."""
+    needed = [f"torch=={metadata.version('torch')}"]
+    if any(c.__module__.startswith(("pytorch_lightning", "lightning")) for c in type(net).__mro__):
+        needed.append(f"pytorch-lightning=={metadata.version('pytorch-lightning')}")
+    return needed
+
+
 MODEL_NAME = "global_model"  # every global model of a job is a LoggedModel of this name, its step the round
 ROUND_TAG = "fl_round"  # the round whose received global model it is (the step of its linked metrics)
 KIND_TAG = "fl_model"  # "round": a round's global model; "final": the model after the last round
@@ -69,30 +89,61 @@ class ModelLogger:
     """Writer thread: global models as MLflow LoggedModels on the parent run (step = round, the
     round's metrics linked), the best and the final registered under the aliases champion and final."""
 
-    def __init__(self, model_class_path: str, registered_model_name: str):
-        self.model_class_path = model_class_path
+    def __init__(self, model_spec: dict | str | None, registered_model_name: str):
+        """model_spec: {"path": "pkg.mod.Class", "args": {...}} (or a class path alone) the global
+        model is built from, as the persistor built it (server.initial_model); use_model() gives
+        the persistor's model itself, which is then copied instead."""
+        self.model_spec = {"path": model_spec, "args": {}} if isinstance(model_spec, str) else model_spec
+        self.template = None  # the persistor's model: copied, never changed
+        self.input_spec = None  # (shape of one sample, dtype), from the first site's dataset description
         self.registered_model_name = registered_model_name
         self.logged: dict = {}  # (kind, step) -> model id: a retried call skips what an earlier attempt logged
         self.aliases: dict = {}  # alias -> registered version, for the stats file (flctl prints the URI)
 
+    def use_model(self, model) -> None:
+        """The persistor's model (any nn.Module, a LightningModule included) and where it came from."""
+        from fl_lightning_mlflow.server.initial_model import spec_of
+
+        self.template, self.model_spec = model, spec_of(model)
+
+    def saw_inputs(self, contexts) -> None:
+        """A site's checked dataset contexts [(context, JSON text)]: the training one's input shape
+        and dtype become the logged models' input example (the first site's; all train one model)."""
+        if self.input_spec is not None:
+            return
+        for context, text in contexts:
+            if context == "training":
+                self.input_spec = input_spec_of(json.loads(text))
+
     def load(self, path) -> tuple:
-        """(the network with the saved weights, the directory to ship as code_paths)."""
+        """(the model with the saved weights, the code to ship as code_paths)."""
         import torch
 
-        module, _, name = self.model_class_path.rpartition(".")
-        net = getattr(importlib.import_module(module), name)()
+        if self.template is not None:
+            net = copy.deepcopy(self.template)
+        elif self.model_spec:
+            net = build(self.model_spec, "ModelLogger", "model")
+        else:
+            raise ValueError("ModelLogger: no model to load the global weights into (no persistor model, no spec)")
         saved = torch.load(path, map_location="cpu", weights_only=True)
         state = saved.get("model", saved)
         net.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
-        # code_paths takes the whole top-level package, so the pickled class imports where the model loads
-        return net.eval(), str(Path(sys.modules[module.partition(".")[0]].__file__).parent)
+        return net.eval(), code_path(type(net))
+
+    def example(self):
+        """A zero input of the sites' sample shape (batch of one), or None when no site said it."""
+        import numpy as np
+
+        if self.input_spec is None:
+            return None
+        shape, dtype = self.input_spec
+        return np.zeros((1, *shape), dtype=dtype)
 
     def log_model(self, client, tracking_uri, parent_id, exp_id, path, kind: str, step: int) -> str | None:
         """The LoggedModel of this kind and step on the parent run: found if an earlier attempt
         logged it, else logged from the weights in `path` (None if there are none). MLflow links
         the parent run's metrics at `step` to it (Model.log does, for a run_id and step)."""
         import mlflow
-        import numpy as np
 
         mlflow_pytorch = import_mlflow_pytorch()
 
@@ -117,9 +168,9 @@ class ModelLogger:
                 run_id=parent_id,  # no fluent run: the parent run stays RUNNING
                 step=int(step),
                 code_paths=[code],
-                input_example=np.zeros((1, 3, 32, 32), dtype=np.float32),
-                pip_requirements=[f"torch=={metadata.version('torch')}"],
-                serialization_format="pickle",  # a plain nn.Module: any batch size, code_paths bring the class
+                input_example=self.example(),  # MLflow infers the signature from it
+                pip_requirements=requirements(net),
+                serialization_format="pickle",  # the module object: any batch size, code_paths bring the class
             ).model_id
         self.logged[key] = model_id
         return model_id

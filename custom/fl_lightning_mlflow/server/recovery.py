@@ -18,6 +18,7 @@ orphaned journals in the server's workspace), and as `flctl recover WORKSPACE`.
 
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from fl_lightning_mlflow.server.mlflow_sink import PARENT, MLflowSink
 from fl_lightning_mlflow.server.model_logger import ModelLogger
 
 RECOVERY_FILE = "mlflow_recovery.json"
-DEFAULT_MODEL_CLASS = "fl_lightning_mlflow.common.network.CifarNet"
+SERVER_CUSTOM = ("app_server", "custom")  # in a job's folder: the code FLARE shipped to the server
 
 
 class RecoveryError(Exception):
@@ -69,7 +70,13 @@ def recover(run_dir, tracking_uri=None, timeout: float = 300.0, logger=None) -> 
         raise RecoveryError(f"{journal_dir}: the job's tracking URI is not recorded in full; give it (--tracking-uri)")
     log = logger or logging.getLogger(__name__)
     started = time.monotonic()
-    models = ModelLogger(DEFAULT_MODEL_CLASS, state.get("experiment_name") or "")
+    # The job's own code first on the path: its models are built from the user's module class.
+    custom = run_dir.joinpath(*SERVER_CUSTOM)
+    if custom.is_dir() and str(custom) not in sys.path:
+        sys.path.insert(0, str(custom))
+    models = ModelLogger(state.get("model_spec"), state.get("experiment_name") or "")
+    if isinstance(state.get("model_input"), list) and len(state["model_input"]) == 2:
+        models.input_spec = (tuple(state["model_input"][0]), state["model_input"][1])
     sink = MLflowSink(
         uri, run_dir, state.get("experiment_name") or "hello-lightning-mlflow", models, logger=log, resume=state
     )  # raises JournalBusy while the job's process lives

@@ -18,20 +18,20 @@ CONTRIBUTING_SITES = "contributing_sites"
 WORST_SITE, SPREAD = "worst_site", "spread"  # fairness beside the mean: name/worst_site, name/spread
 
 
-def lower_is_better(key: str) -> bool:
-    """A loss or an error rate: its worst site is the highest value."""
-    return any(word in key.lower() for word in ("loss", "error", "err_"))
-
-
 def _number(value) -> bool:
     return isinstance(value, (int, float))
 
 
 class FederationSummary:
-    def __init__(self, num_rounds=None, weigh_by_local_iter: bool = True, aggregation_weights: dict | None = None):
-        """weigh_by_local_iter, aggregation_weights: the model selector's settings of the same name."""
+    def __init__(self, num_rounds=None, weigh_by_local_iter: bool = True, aggregation_weights: dict | None = None,
+                 metric_modes: dict | None = None):  # fmt: skip
+        """weigh_by_local_iter, aggregation_weights: the model selector's settings of the same name.
+        metric_modes: {metric name: "max" or "min"}, the direction of the metrics whose worst site
+        is reported (the key metric's mode, from the model selector, and any the tracker names);
+        nothing is guessed from a name: a metric without a mode gets no worst_site."""
         self.num_rounds = num_rounds
         self.weigh_by_local_iter = weigh_by_local_iter
+        self.metric_modes = dict(metric_modes or {})
         self.aggregation_weights = dict(aggregation_weights or {})
         self.rounds_done = 0
         self.failure: str | None = None
@@ -67,8 +67,8 @@ class FederationSummary:
     def close_round(self, fl_round) -> list:
         """The round's points [(name, value)]: per metric the weighted mean, then each site's
         value as name/site, then fairness: name/worst_site (the lowest value, the highest for
-        a loss or error) and name/spread (highest minus lowest, over finite values); last, how
-        many sites contributed."""
+        a metric whose mode is "min"; only for metrics with a mode) and name/spread (highest minus
+        lowest, over finite values); last, how many sites contributed."""
         if fl_round is None:
             return []
         self.rounds_done += 1
@@ -85,8 +85,10 @@ class FederationSummary:
                     if math.isfinite(metrics[key]):
                         values.append(float(metrics[key]))
             if values:
-                worst = max(values) if lower_is_better(key) else min(values)
-                points += [(f"{key}/{WORST_SITE}", worst), (f"{key}/{SPREAD}", max(values) - min(values))]
+                mode = self.metric_modes.get(key)
+                if mode in ("max", "min"):
+                    points.append((f"{key}/{WORST_SITE}", max(values) if mode == "min" else min(values)))
+                points.append((f"{key}/{SPREAD}", max(values) - min(values)))
         points.append((CONTRIBUTING_SITES, float(len(contributions))))
         return points
 

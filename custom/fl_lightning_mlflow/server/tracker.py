@@ -32,6 +32,7 @@ from nvflare.app_common.widgets.intime_model_selector import IntimeModelSelector
 from nvflare.app_opt.tracking.mlflow.mlflow_receiver import MLflowReceiver
 
 from fl_lightning_mlflow.common.protocol import (
+    BEST_MODEL_STATS_KEY,
     DATASETS,
     DELIVERY_STATS_KEY,
     RECORDS_KWARG,
@@ -42,6 +43,7 @@ from fl_lightning_mlflow.server.delivery import DeliveryLedger
 from fl_lightning_mlflow.server.mlflow_sink import PARENT, MLflowSink
 from fl_lightning_mlflow.server.model_logger import ModelLogger
 from fl_lightning_mlflow.server.model_policy import ModelPolicy
+from fl_lightning_mlflow.server.model_selector import mode_of
 from fl_lightning_mlflow.server.records import RecordChecker
 from fl_lightning_mlflow.server.recovery import recover_workspace
 from fl_lightning_mlflow.server.round_timings import RoundTimings, update_bytes
@@ -56,7 +58,7 @@ TEXT_ITEMS = {AnalyticsDataType.PARAMETERS: "param", AnalyticsDataType.PARAMETER
 
 class FederatedMLflowTracker(MLflowReceiver):
     def __init__(self, tracking_uri: str | None = None, kw_args: dict | None = None, events: list | None = None,
-                 registered_model_name: str = "", model_class_path: str = "fl_lightning_mlflow.common.network.CifarNet",
+                 registered_model_name: str = "", persistor_id: str = "persistor", metric_modes: dict | None = None,
                  fl_params: dict | None = None, promote_params: list | None = None, description: str = "",
                  max_memory_items: int = 200_000, retry_initial: float = 0.5, retry_max: float = 15.0,
                  final_flush_timeout: float = 120.0, http_request_max_retries: int = 2, http_request_timeout: int = 10,
@@ -70,6 +72,10 @@ class FederatedMLflowTracker(MLflowReceiver):
         kw_args: as MLflowReceiver: experiment_name, run_name (the parent run; default: the job
             name), experiment_tags, run_tags (on every run).
         registered_model_name: Model Registry name for the best global model ("" = experiment name).
+        persistor_id: the model persistor whose model (the user's module, server.initial_model) the
+            logged global models are copies of.
+        metric_modes: {global metric name: "max" or "min"} for metrics besides the selector's
+            key_metric (whose mode is the selector's key_metric_mode) that get a worst_site.
         fl_params: FL configuration logged as params of the parent run.
         promote_params: site params also logged once on the parent (e.g. local_epochs, split).
         description: the experiment's description in the MLflow UI (set as mlflow.note.content
@@ -94,7 +100,13 @@ class FederatedMLflowTracker(MLflowReceiver):
         for key in ("experiment_tags", "run_tags"):
             if not isinstance(self.kw_args.get(key, {}), dict):
                 raise TrackingConfigError(f"kw_args.{key} must be an object of tag names to values")
-        self.models = ModelLogger(model_class_path, registered_model_name or self.experiment_name)
+        self.models = ModelLogger(None, registered_model_name or self.experiment_name)
+        self.persistor_id = persistor_id
+        self.metric_modes = dict(metric_modes or {})
+        bad = {k: v for k, v in self.metric_modes.items() if v not in ("max", "min")}
+        if bad:
+            raise TrackingConfigError(f'metric_modes must map metric names to "max" or "min", got {bad}')
+        self.key_metric_mode, self.key_metric_name = "max", None
         self.model_policy = ModelPolicy.parse(log_models)
         self.round_timings = RoundTimings()
         self.round_weights = None  # (round, a copy of the global weights the sites received in it)
@@ -162,9 +174,10 @@ class FederatedMLflowTracker(MLflowReceiver):
             self.sink.round_done(fl_round)  # in the journal's state: recovery names the last completed round
             self._queue_round_model(fl_round)
         elif event_type == AppEventType.GLOBAL_BEST_MODEL_AVAILABLE:
-            self.summary.set_best(
-                fl_ctx.get_prop(AppConstants.CURRENT_ROUND), fl_ctx.get_prop(AppConstants.VALIDATION_RESULT)
-            )
+            value = fl_ctx.get_prop(AppConstants.VALIDATION_RESULT)
+            if self.key_metric_mode == "min" and isinstance(value, (int, float)):
+                value = -value  # the selector negates a lower-is-better metric to maximise it
+            self.summary.set_best(fl_ctx.get_prop(AppConstants.CURRENT_ROUND), value)
         elif event_type == AppEventType.VALIDATION_RESULT_RECEIVED:
             result = cross_site_result_of(fl_ctx)
             if result:
@@ -211,8 +224,16 @@ class FederatedMLflowTracker(MLflowReceiver):
         # With a database store, keep artifacts beside it; a tracking server has its own store.
         artifacts = None if uri.startswith("http") else (result_root / "mlflow_artifacts").resolve().as_uri()
         selector = engine.get_component(self.model_selector_id)
+        modes = dict(self.metric_modes)
         if isinstance(selector, IntimeModelSelector):  # weigh the round means exactly as it does
-            self.summary = FederationSummary(None, selector.weigh_by_local_iter, selector.aggregation_weights)
+            self.key_metric_mode = modes[selector.key_metric] = mode_of(selector)
+            self.key_metric_name = selector.key_metric
+            self.summary = FederationSummary(
+                None, selector.weigh_by_local_iter, selector.aggregation_weights, metric_modes=modes
+            )
+        else:
+            self.summary = FederationSummary(metric_modes=modes)
+        self._use_persistor_model(engine)
         self.summary.num_rounds = self.fl_params.get("num_rounds")
         meta = fl_ctx.get_prop(ReservedKey.JOB_META) or {}
         job_name = self.kw_args.get("run_name") or meta.get("name") or self.experiment_name
@@ -229,6 +250,17 @@ class FederatedMLflowTracker(MLflowReceiver):
         if self.recover_orphans:
             own = Path(workspace.get_run_dir(job_id))
             threading.Thread(target=self._recover, args=(Path(workspace.get_root_dir()), own), daemon=True).start()
+
+    def _use_persistor_model(self, engine) -> None:
+        """The persistor's model (built from the job's module spec) is what the logged models copy."""
+        persistor = engine.get_component(self.persistor_id)
+        model = getattr(persistor, "model", None)
+        if isinstance(model, str):  # a component id (e.g. FedOpt's shared "model" component)
+            model = engine.get_component(model)
+        if model is None:
+            self.logger.warning(f"MLflow: no model in component {self.persistor_id!r}; global models are not logged")
+            return
+        self.models.use_model(model)
 
     def _recover(self, server_workspace: Path, own_run_dir: Path) -> None:
         """Earlier jobs of this FL server that died with their tracking unfinished (off FLARE's
@@ -311,6 +343,10 @@ class FederatedMLflowTracker(MLflowReceiver):
         extra = {DELIVERY_STATS_KEY: table} if table is not None else {}
         if self.models.aliases:
             extra[REGISTERED_MODEL_STATS_KEY] = self.models.registered()
+        if self.summary.best is not None:  # what flctl prints as the best model
+            best_round, best_value = self.summary.best
+            extra[BEST_MODEL_STATS_KEY] = {"round": best_round, "key_metric": self.key_metric_name,
+                                           "value": best_value, "mode": self.key_metric_mode}  # fmt: skip
         complete, message = self.sink.report(status, failure, lost, self.records, self.timings, extra)
         (self.log_info if complete else self.log_error)(fl_ctx, message)
         if table is not None:

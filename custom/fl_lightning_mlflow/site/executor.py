@@ -55,18 +55,22 @@ from fl_lightning_mlflow.common.protocol import (
     METRICS_BATCH,
     PARAMS,
     RECORDS_KWARG,
-    REPORTED_METRICS,
     SENT_COUNTS_META,
     VAL_SAMPLES_META,
 )
-from fl_lightning_mlflow.site.dataset_info import site_datasets
 from fl_lightning_mlflow.site.engine import SiteContext, SiteEngine, TaskAborted, is_int
-from fl_lightning_mlflow.site.flare_logger import FlareLogger, SentCounter
+from fl_lightning_mlflow.site.flare_logger import SentCounter
 from fl_lightning_mlflow.site.system_sampler import SystemSampler, check_interval
 from fl_lightning_mlflow.site.threads import torch_threads
 
 STATE_FILE = "site_state.json"  # survives a simulator worker that is restarted between tasks
 BEST_MODEL_FILE = "best_local_model.pt"
+
+
+def shown(metrics: dict, prefix: str = "") -> str:
+    """Metrics for a log line: name=value, a few at most."""
+    parts = [f"{prefix}{k}={v:.4f}" for k, v in sorted(metrics.items())[:4] if isinstance(v, (int, float))]
+    return ", ".join(parts) or "(no metrics)"
 
 
 def with_sent_counts(dxo: DXO, counts: dict) -> DXO:
@@ -76,11 +80,9 @@ def with_sent_counts(dxo: DXO, counts: dict) -> DXO:
 
 
 def flush_engine(engine: SiteEngine) -> None:
-    """Hand on what the engine's logger still holds (FlareLogger gathers records for up to a
-    second), so the counts a task result carries were all sent before it."""
-    logger = getattr(engine, "logger", None)
-    if isinstance(logger, FlareLogger):
-        logger.flush()
+    """Hand on what the engine still holds (FlareLogger gathers records for up to a second), so
+    the counts a task result carries were all sent before it."""
+    engine.flush()
 
 
 def weights_of(dxo: DXO) -> dict:
@@ -129,10 +131,6 @@ class TrainTask:
 
 
 class SiteExecutor(Executor):
-    # What the train task reports for the received global model (DXO meta INITIAL_METRICS):
-    # the names a server-side model selector's key_metric may use (flctl check_job reads this).
-    reported_metrics = REPORTED_METRICS
-
     def __init__(
         self,
         engine_id: str = "engine",
@@ -141,6 +139,8 @@ class SiteExecutor(Executor):
         validate_task_name: str = AppConstants.TASK_VALIDATION,
         submit_model_task_name: str = AppConstants.TASK_SUBMIT_MODEL,
         system_metrics_seconds: float = 10.0,
+        key_metric: str = "",
+        key_metric_mode: str = "max",
     ):
         """Args are set in config_fed_client.json.
 
@@ -148,6 +148,9 @@ class SiteExecutor(Executor):
         threads_per_site: torch threads; 0 = usable cores / sites sharing this host (site.threads).
         system_metrics_seconds: sample CPU, memory and GPU use this often and stream it to the
             site's run under MLflow's system/ names (site.system_sampler); 0 = off.
+        key_metric, key_metric_mode: the module's validation metric ("val_acc") that picks the
+            site's best local model (the one submit_model returns), and whether higher ("max") or
+            lower ("min") is better; "" = the last local model.
         """
         super().__init__()
         if not isinstance(engine_id, str) or not engine_id:
@@ -161,6 +164,11 @@ class SiteExecutor(Executor):
         ):
             if not isinstance(value, str) or not value:
                 raise ValueError(f"SiteExecutor: {name} must be a task name, got {value!r}")
+        if not isinstance(key_metric, str):
+            raise ValueError(f'SiteExecutor: key_metric must be a metric name or "", got {key_metric!r}')
+        if key_metric_mode not in ("max", "min"):
+            raise ValueError(f'SiteExecutor: key_metric_mode must be "max" or "min", got {key_metric_mode!r}')
+        self.key_metric, self.key_metric_mode = key_metric, key_metric_mode
         self.system_metrics_seconds = check_interval("SiteExecutor", system_metrics_seconds)
         self.sampler: SystemSampler | None = None
         self.datasets_sent = False
@@ -170,7 +178,7 @@ class SiteExecutor(Executor):
         self.engine: SiteEngine | None = None
         self.site = None
         self.app_dir = None
-        self.best_local_acc = -1.0
+        self.best_local = None  # the best local model's key metric so far (None: none yet)
         self.setup_error = None
         self._fl_ctx = None
         self.sent = SentCounter()  # what this site handed to FLARE for the server, since the job started
@@ -235,7 +243,7 @@ class SiteExecutor(Executor):
         self.engine = training
         if saved:
             self.engine.load_state_dict(saved.get("engine", {}))
-            self.best_local_acc = saved.get("best_local_acc", -1.0)
+            self.best_local = saved.get("best_local")
         self.log_info(
             fl_ctx,
             f"{self.site}: {training.train_samples} train / {training.val_samples} val samples "
@@ -244,8 +252,7 @@ class SiteExecutor(Executor):
 
     def _streaming(self) -> bool:
         """Whether the engine streams to the server at all (an engine's tracking=false: nothing)."""
-        args = getattr(self.engine, "args", None)
-        return bool(getattr(args, "tracking", True))
+        return bool(getattr(self.engine, "tracking", True))
 
     def _start_sampler(self, fl_ctx: FLContext) -> None:
         if self.system_metrics_seconds <= 0 or not self._streaming():
@@ -267,20 +274,19 @@ class SiteExecutor(Executor):
     def _send_datasets(self) -> None:
         """The site's training and validation data as dataset inputs of its run, once per process
         (MLflow keeps one input per digest and context, so a restarted site sending again is harmless)."""
-        data = getattr(self.engine, "data", None)
-        if self.datasets_sent or data is None or getattr(data, "train_set", None) is None or not self._streaming():
+        if self.datasets_sent or not self._streaming():
             return
         self.datasets_sent = True
-        self._send_analytics(DATASETS, site_datasets(self.site, data, self.engine.args.data_root), None, None)
+        described = self.engine.describe_datasets()
+        if described:
+            self._send_analytics(DATASETS, described, None, None)
 
     def _saved_state(self) -> dict:
         state = self.app_dir / STATE_FILE if self.app_dir else None
         return json.loads(state.read_text()) if state is not None and state.is_file() else {}
 
     def _save_state(self):
-        state = dict(
-            engine=self.engine.state_dict(), best_local_acc=self.best_local_acc, sent_counts=self.sent.snapshot()
-        )
+        state = dict(engine=self.engine.state_dict(), best_local=self.best_local, sent_counts=self.sent.snapshot())
         if self.sampler is not None:
             state["system_step"] = self.sampler.step
         (self.app_dir / STATE_FILE).write_text(json.dumps(state))
@@ -322,6 +328,20 @@ class SiteExecutor(Executor):
         finally:
             self._fl_ctx = None
 
+    def _better_local(self, metrics: dict) -> bool:
+        """Whether this local model is the site's best so far (and remember its key metric)."""
+        if not self.key_metric:
+            return True  # no key metric: the last local model
+        value = metrics.get(self.key_metric)
+        if not isinstance(value, (int, float)) or value != value:
+            return self.best_local is None  # not measured: kept only while there is nothing better
+        better = self.best_local is None or (
+            value < self.best_local if self.key_metric_mode == "min" else value > self.best_local
+        )
+        if better:
+            self.best_local = value
+        return better
+
     @staticmethod
     def _received_weights(shareable: Shareable) -> dict:
         return weights_of(from_shareable(shareable))
@@ -351,17 +371,15 @@ class SiteExecutor(Executor):
             fit = self.engine.fit(global_weights, fl_round, abort_signal)
         else:
             fit = self.engine.fit(global_weights, fl_round, abort_signal, global_controls=task.controls)
-        local_acc = fit.metrics.get("val_acc", -1.0)
-        if local_acc > self.best_local_acc:
-            self.best_local_acc = local_acc
+        if self._better_local(fit.metrics):
             torch.save({k: torch.as_tensor(v) for k, v in fit.weights.items()}, self.app_dir / BEST_MODEL_FILE)
         flush_engine(self.engine)  # before counting: the result reports what was sent up to it
         self._save_state()
         self.log_info(
             fl_ctx,
-            f"round {fl_round}: global model {GLOBAL_PREFIX}val_acc={results.get('val_acc', 0):.4f}; "
+            f"round {fl_round}: global model {shown(results, GLOBAL_PREFIX)}; "
             f"trained {fit.samples} samples, {fit.steps} steps in {time.monotonic() - started:.1f} s; "
-            f"local val_acc={local_acc:.4f}",
+            f"local {shown(fit.metrics)}",
         )
 
         # 3. The update: weight difference, weighted by samples seen.

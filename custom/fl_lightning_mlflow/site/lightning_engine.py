@@ -1,33 +1,44 @@
-"""The Lightning engine: a fresh Trainer per task around one LitCifarNet and the site's data.
+"""The Lightning engine: a fresh Trainer per task around the user's LightningModule and DataModule.
+
+The module and the DataModule are named in config_fed_client.json (common.class_spec) and built
+at setup; extra Trainer arguments pass through (`trainer`), except those the engine owns.
 
 Every self.log(...) of the LightningModule goes to FlareLogger, which puts it on one step axis
 per site that never restarts and hands it to the executor's sender (one FLARE event about once
 a second). An abort signal stops the running Trainer at the next batch (AbortOnSignal).
 
-Algorithms (site.algorithms): fedprox_mu > 0 adds FedProx's proximal term in the LightningModule's
-training_step, against the task's global weights; a task that brings SCAFFOLD's global controls
-gets the control correction after every optimizer step (ScaffoldCorrection) and returns the
-change of the site's controls with the result.
+Algorithms (site.algorithms), on all the module's parameters, whatever the module is: fedprox_mu > 0
+adds the gradient of FedProx's proximal term mu/2 * ||w - w_global||^2 before every optimizer step
+(FedProxTerm; logged as train_prox_loss); a task that brings SCAFFOLD's global controls gets the
+control correction after every optimizer step (ScaffoldCorrection) and returns the change of the
+site's controls with the result.
 """
+
+import difflib
+import inspect
+import logging
 
 import pytorch_lightning as pl
 import torch
 
-from fl_lightning_mlflow.site.algorithms import ScaffoldSite
-from fl_lightning_mlflow.site.data import SiteDataModule
+from fl_lightning_mlflow.common.class_spec import build, check_spec, path_of
+from fl_lightning_mlflow.site.algorithms import ScaffoldSite, frozen_parameters
 from fl_lightning_mlflow.site.engine import (
     AbortSignal,
     FitResult,
     SiteContext,
     SiteEngine,
-    TrainingArgs,
     Weights,
     check_abort,
     load_weights,
     numpy_weights,
 )
 from fl_lightning_mlflow.site.flare_logger import FlareLogger
-from fl_lightning_mlflow.site.lit_module import LitCifarNet
+
+# Trainer arguments the engine sets itself: a `trainer` entry naming one is refused.
+OWNED_TRAINER_ARGS = ("logger", "callbacks", "max_epochs", "min_epochs", "max_steps", "min_steps", "max_time",
+                      "devices", "num_nodes", "accelerator", "strategy", "default_root_dir", "enable_checkpointing",
+                      "log_every_n_steps")  # fmt: skip
 
 
 class AbortOnSignal(pl.Callback):
@@ -55,7 +66,54 @@ class ScaffoldCorrection(pl.Callback):
         self.scaffold.step_lr(optimizer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.scaffold.corrected(pl_module.net)
+        self.scaffold.corrected(pl_module)
+
+
+class FedProxTerm(pl.Callback):
+    """FedProx on any module: before each optimizer step (after AMP's unscaling, before clipping),
+    every trainable parameter's gradient gets mu * (w - w_global), the gradient of
+    mu/2 * ||w - w_global||^2; the term itself is logged as train_prox_loss."""
+
+    def __init__(self, module: pl.LightningModule, global_weights: Weights, mu: float):
+        self.mu = float(mu)
+        self.global_params = frozen_parameters(module, global_weights)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        squares = []
+        with torch.no_grad():
+            for name, p in pl_module.named_parameters():
+                anchor = self.global_params.get(name)
+                if anchor is None:
+                    continue
+                if anchor.device != p.device:  # Lightning may have moved the model since
+                    anchor = self.global_params[name] = anchor.to(p.device)
+                delta = p - anchor
+                squares.append(torch.sum(delta * delta))
+                if p.grad is None:
+                    p.grad = self.mu * delta
+                else:
+                    p.grad.add_(delta, alpha=self.mu)
+        if squares:
+            pl_module.log("train_prox_loss", 0.5 * self.mu * torch.stack(squares).sum(), on_step=True, on_epoch=True)
+
+
+class ValidationMetrics(pl.Callback):
+    """The metrics the module logs in validation, as of the last validation pass of a fit: the
+    names are those that appear (or change) during the first pass, whatever the module calls them."""
+
+    def __init__(self):
+        self.names: set = set()
+        self._before: dict = {}
+
+    def on_validation_start(self, trainer, pl_module):
+        self._before = {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+    def on_validation_end(self, trainer, pl_module):
+        now = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        self.names |= {k for k, v in now.items() if k not in self._before or self._before[k] != v}
+
+    def metrics(self, trainer) -> dict:
+        return {k: float(trainer.callback_metrics[k]) for k in sorted(self.names) if k in trainer.callback_metrics}
 
 
 def _no_send(kind, values, step, fl_round) -> None:
@@ -65,59 +123,33 @@ def _no_send(kind, values, step, fl_round) -> None:
 class LightningEngine(SiteEngine):
     supports_scaffold = True
 
-    def __init__(
-        self,
-        data_root: str = "/tmp/nvflare/data/cifar10",
-        local_epochs: int = 1,
-        batch_size: int = 32,
-        lr: float = 0.02,
-        optimizer: str = "sgd",
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-        log_every_n_steps: int = 10,
-        tracking: bool = True,
-        metrics_flush_seconds: float = 1.0,
-        accelerator: str = "auto",
-        num_workers: int = 0,
-        seed: int = 0,
-        fedprox_mu: float = 0.0,
-    ):
-        """Args are set in config_fed_client.json (the "engine" component).
+    def __init__(self, module: dict | object = None, trainer: dict | None = None, metrics_flush_seconds: float = 1.0,
+                 **engine_args):  # fmt: skip
+        """Args are set in config_fed_client.json (the "engine" component); besides every engine's
+        (site.engine.SiteEngine: datamodule, local_epochs, log_every_n_steps, tracking, accelerator,
+        seed, fedprox_mu):
 
-        accelerator: "auto" (GPU when one is visible, else CPU), "cpu" or "gpu".
-        tracking: stream metrics and params to the server (false: train without a logger).
+        module: the user's LightningModule, {"path": "pkg.mod.Class", "config_type": "dict",
+            "args": {...}}; built at setup, after seeding. Its self.log names reach MLflow as
+            logged; its validation metrics of the received global model arrive prefixed "global_".
+        trainer: extra pytorch_lightning.Trainer arguments, passed through (precision,
+            gradient_clip_val, accumulate_grad_batches, deterministic, limit_train_batches, ...);
+            those the engine owns (OWNED_TRAINER_ARGS) are refused.
         metrics_flush_seconds: send a site's metric records as one FLARE event at most this often
             (FederatedMLflowTracker unpacks them); 0 = one event per log call, which FLARE's stock
             MLflowReceiver also understands.
-        num_workers: DataLoader worker processes (0: load in the training process).
-        fedprox_mu: FedProx's proximal weight mu (loss + mu/2 * ||w - w_global||^2); 0 = FedAvg.
-        SCAFFOLD needs no argument: it runs when the server's workflow (ScatterAndGatherScaffold)
-        sends control variates with the task.
         """
-        self.args = TrainingArgs(
-            data_root=data_root,
-            local_epochs=local_epochs,
-            batch_size=batch_size,
-            lr=lr,
-            optimizer=optimizer,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            log_every_n_steps=log_every_n_steps,
-            tracking=tracking,
-            accelerator=accelerator,
-            num_workers=num_workers,
-            seed=seed,
-            fedprox_mu=fedprox_mu,
-        )
-        self.args.check(type(self).__name__)
+        super().__init__(**engine_args)
+        owner = type(self).__name__
+        check_spec(module, owner, "module")
+        self.trainer_args = check_trainer_args(owner, trainer)
         if not isinstance(metrics_flush_seconds, (int, float)) or isinstance(metrics_flush_seconds, bool):
             metrics_flush_seconds = -1
         if metrics_flush_seconds < 0:
-            raise ValueError(
-                f"{type(self).__name__}: metrics_flush_seconds must be a number >= 0, got {metrics_flush_seconds!r}"
-            )
+            raise ValueError(f"{owner}: metrics_flush_seconds must be a number >= 0, got {metrics_flush_seconds!r}")
+        self.module_spec = module
         self.metrics_flush_seconds = metrics_flush_seconds
-        self.module = self.data = self.logger = None
+        self.module = self.logger = None
         self.workdir = None
         self.site_params = {}
         self.scaffold: ScaffoldSite | None = None  # built at the first SCAFFOLD task
@@ -126,25 +158,30 @@ class LightningEngine(SiteEngine):
     def setup(self, ctx: SiteContext) -> None:
         a = self.args
         torch.set_num_threads(ctx.threads)
-        # Seeded before the model is built, as before: the same seed gives the same run.
+        # Seeded before anything is built: the same seed gives the same run.
         pl.seed_everything(a.seed, verbose=False)
-        self.data = SiteDataModule(a.data_root, ctx.site, a.batch_size, a.num_workers)
-        self.data.load()  # fail now, with one clear line, rather than mid-round
-        self.module = LitCifarNet(**a.optimizer_args(), fedprox_mu=a.fedprox_mu)
+        self._setup_data(ctx.site)
+        module = build(self.module_spec, type(self).__name__, "module")
+        if not isinstance(module, pl.LightningModule):
+            raise ValueError(f"{type(self).__name__}: module {path_of(self.module_spec)} is not a LightningModule")
+        self.module = module
         # Always built (it carries the step axis); attached to Trainers only when tracking.
         self.logger = FlareLogger(ctx.send or _no_send, site=ctx.site, flush_seconds=self.metrics_flush_seconds)
         self.workdir = ctx.workdir
-        self.train_samples, self.val_samples = len(self.data.train_set), len(self.data.val_set)
         # Sent with the first round, beside the LightningModule's and the DataModule's own
         # hyperparameters, which every Trainer logs.
-        self.site_params = a.site_params(ctx.site, ctx.threads, self.train_samples, self.val_samples)
+        self.site_params = self._site_params(ctx.threads)
 
     def describe(self) -> str:
-        return f"from {self.args.data_root}; accelerator={self.args.accelerator}"
+        return f"{path_of(self.module_spec)} on {path_of(self.args.datamodule)}; accelerator={self.args.accelerator}"
 
     @property
     def points_sent(self) -> int:
         return self.logger.points_sent if self.logger is not None else 0
+
+    def flush(self) -> None:
+        if self.logger is not None:
+            self.logger.flush()
 
     def state_dict(self) -> dict:
         return {"step_offset": self.logger.step_offset, "epoch_offset": self.logger.epoch_offset}
@@ -160,7 +197,7 @@ class LightningEngine(SiteEngine):
         fl_round: int | None = None,
         log_prefix: str | None = None,
     ) -> dict:
-        load_weights(self.module.net, weights)
+        load_weights(self.module, weights)
         logged = log_prefix is not None and self.args.tracking
         if logged:
             self._start_round(fl_round)
@@ -180,17 +217,18 @@ class LightningEngine(SiteEngine):
         global_controls: Weights | None = None,
     ) -> FitResult:
         a = self.args
-        load_weights(self.module.net, global_weights)
+        load_weights(self.module, global_weights)
         if a.tracking:
             self._start_round(fl_round)
-        callbacks = []
+        validation = ValidationMetrics()
+        callbacks = [validation]
         if global_controls is not None:
             if self.scaffold is None:
                 self.scaffold = ScaffoldSite(self.workdir)
-            self.scaffold.start(self.module.net, global_controls)
+            self.scaffold.start(self.module, global_controls)
             callbacks.append(ScaffoldCorrection(self.scaffold))
         if a.fedprox_mu > 0:
-            self.module.set_global_weights(global_weights)
+            callbacks.append(FedProxTerm(self.module, global_weights, a.fedprox_mu))
         trainer = self._trainer(abort_signal, max_epochs=a.local_epochs, logged=a.tracking, extra=callbacks)
         try:
             trainer.fit(self.module, datamodule=self.data)
@@ -198,21 +236,33 @@ class LightningEngine(SiteEngine):
             if self.scaffold is not None:
                 self.scaffold.abort()
             raise
-        finally:
-            self.module.set_global_weights(None)
-        control_diff = self.scaffold.finish(self.module.net) if global_controls is not None else None
+        control_diff = self.scaffold.finish(self.module) if global_controls is not None else None
         steps = trainer.global_step  # a fresh Trainer starts at 0
         self.logger.advance(steps, a.local_epochs)
-        local = {
-            k: float(trainer.callback_metrics[k]) for k in ("val_loss", "val_acc") if k in trainer.callback_metrics
-        }
         return FitResult(
-            weights=numpy_weights(self.module.net),
+            weights=numpy_weights(self.module),
             samples=self.train_samples * a.local_epochs,
             steps=steps,
-            metrics=local,
+            metrics=validation.metrics(trainer),
             control_diff=control_diff,
         )
+
+    def dry_validation(self, weights: Weights | None = None) -> set | str:
+        """For flctl check, after _setup_data: the names the module logs in validation, from one
+        batch (with weights loaded, e.g. the server's initial model), or why it could not run."""
+        try:
+            module = build(self.module_spec, type(self).__name__, "module")
+            if weights is not None:
+                load_weights(module, weights)
+            logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # a check: no Trainer chatter
+            quiet = dict(enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+            trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, limit_val_batches=1, **quiet)
+            (results,) = trainer.validate(module, datamodule=self.data, verbose=False)
+        except Exception as e:  # noqa: BLE001 - the user's code: whatever it raises is the finding
+            return f"{type(e).__name__}: {str(e)[:300]}"
+        if not results:
+            return "the module logs nothing in validation_step (self.log), so no global model can be selected"
+        return set(results)
 
     # ----- helpers -----------------------------------------------------------------------
     def _start_round(self, fl_round) -> None:
@@ -223,16 +273,32 @@ class LightningEngine(SiteEngine):
     def _trainer(
         self, abort_signal: AbortSignal | None, max_epochs: int = 1, logged: bool = True, extra: list = ()
     ) -> pl.Trainer:
+        quiet = {"num_sanity_val_steps": 0, "enable_progress_bar": False, "enable_model_summary": False}
         return pl.Trainer(
+            **{**quiet, **self.trainer_args},
             max_epochs=max_epochs,
             accelerator=self.args.accelerator,
             devices=1,
             logger=self.logger if logged else False,
             callbacks=[AbortOnSignal(abort_signal), *extra],
             log_every_n_steps=self.args.log_every_n_steps,
-            num_sanity_val_steps=0,
             enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
             default_root_dir=str(self.workdir) if self.workdir else None,
         )
+
+
+def check_trainer_args(owner: str, trainer) -> dict:
+    """The pass-through Trainer arguments, each one pl.Trainer takes and the engine does not own."""
+    if trainer is None:
+        return {}
+    if not isinstance(trainer, dict):
+        raise ValueError(f"{owner}: trainer must be an object of Trainer arguments, got {trainer!r}")
+    takes = [n for n in inspect.signature(pl.Trainer).parameters if n != "self"]
+    for name in trainer:
+        if name in OWNED_TRAINER_ARGS:
+            raise ValueError(f"{owner}: trainer.{name} is set by the engine (see the engine's own arguments)")
+        if name not in takes:
+            close = difflib.get_close_matches(name, takes, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{owner}: trainer.{name} is not a pytorch_lightning.Trainer argument{hint}")
+    return dict(trainer)

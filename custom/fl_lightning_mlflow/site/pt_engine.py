@@ -1,7 +1,8 @@
 """The plain PyTorch engine: a hand-written training loop, logging through FLARE's MLflowWriter.
 
-For users who don't write Lightning. Same data, network, optimizer settings and weight exchange
-as the Lightning engine; its metrics go through MLflowWriter, which mimics the mlflow API on the
+For users who don't write Lightning: a classification network (an nn.Module named by class path,
+trained with cross entropy) on the same kind of DataModule as the Lightning engine's, with the same
+weight exchange; its metrics go through MLflowWriter, which mimics the mlflow API on the
 site (log_metric, log_metrics, log_params, set_tags) and streams to the FL server as
 FlareLogger does, so both jobs land in the same MLflow run tree. The executor looks the writer
 up by `mlflow_writer_id` and hands it over (SiteContext.writer); any object with that mlflow-like
@@ -21,21 +22,22 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from fl_lightning_mlflow.common.network import CifarNet
+from fl_lightning_mlflow.common.class_spec import build, check_spec, path_of
 from fl_lightning_mlflow.site.algorithms import ScaffoldSite, frozen_parameters, proximal_term
-from fl_lightning_mlflow.site.data import SiteDataModule
 from fl_lightning_mlflow.site.engine import (
     AbortSignal,
     FitResult,
     SiteContext,
     SiteEngine,
-    TrainingArgs,
     Weights,
     check_abort,
+    check_optimizer,
     load_weights,
     make_optimizer,
     numpy_weights,
 )
+
+VALIDATION_METRICS = ("val_loss", "val_acc")  # what this engine measures: cross entropy, accuracy
 
 
 def seed_everything(seed: int) -> None:
@@ -48,48 +50,26 @@ def seed_everything(seed: int) -> None:
 class PTEngine(SiteEngine):
     supports_scaffold = True
 
-    def __init__(
-        self,
-        data_root: str = "/tmp/nvflare/data/cifar10",
-        local_epochs: int = 1,
-        batch_size: int = 32,
-        lr: float = 0.02,
-        optimizer: str = "sgd",
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-        log_every_n_steps: int = 10,
-        tracking: bool = True,
-        accelerator: str = "auto",
-        num_workers: int = 0,
-        seed: int = 0,
-        mlflow_writer_id: str = "mlflow_writer",
-        fedprox_mu: float = 0.0,
-    ):
-        """Args are set in config_fed_client.json (the "engine" component); as LightningEngine's, plus
+    def __init__(self, network: dict | object = None, lr: float = 0.02, optimizer: str = "sgd", momentum: float = 0.9,
+                 weight_decay: float = 0.0, mlflow_writer_id: str = "mlflow_writer", **engine_args):  # fmt: skip
+        """Args are set in config_fed_client.json (the "engine" component); besides every engine's
+        (site.engine.SiteEngine: datamodule, local_epochs, ...):
+
+        network: the classification network, {"path": "pkg.mod.Class", "config_type": "dict",
+            "args": {...}}, an nn.Module mapping a batch's inputs to class logits.
+        lr, optimizer ("sgd", "adam", "adamw"), momentum (SGD's), weight_decay: the optimizer.
         mlflow_writer_id: the client component id of the MLflowWriter (needed when tracking)."""
-        self.args = TrainingArgs(
-            data_root=data_root,
-            local_epochs=local_epochs,
-            batch_size=batch_size,
-            lr=lr,
-            optimizer=optimizer,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            log_every_n_steps=log_every_n_steps,
-            tracking=tracking,
-            accelerator=accelerator,
-            num_workers=num_workers,
-            seed=seed,
-            fedprox_mu=fedprox_mu,
-        )
-        self.args.check(type(self).__name__)
+        super().__init__(**engine_args)
+        owner = type(self).__name__
+        check_spec(network, owner, "network")
+        check_optimizer(owner, lr, optimizer, momentum, weight_decay)
         if not isinstance(mlflow_writer_id, str) or not mlflow_writer_id:
-            raise ValueError(
-                f"{type(self).__name__}: mlflow_writer_id must be a component id, got {mlflow_writer_id!r}"
-            )
-        self.writer_id = mlflow_writer_id if tracking else None
+            raise ValueError(f"{owner}: mlflow_writer_id must be a component id, got {mlflow_writer_id!r}")
+        self.network_spec = network
+        self.optimizer_args = dict(lr=lr, optimizer=optimizer, momentum=momentum, weight_decay=weight_decay)
+        self.writer_id = mlflow_writer_id if self.args.tracking else None
         self.writer = None
-        self.net = self.data = None
+        self.net = None
         self.device = torch.device("cpu")
         self.step = 0  # optimizer steps taken in all rounds so far: the MLflow step axis
         self.epochs = 0
@@ -107,17 +87,21 @@ class PTEngine(SiteEngine):
         self.writer = ctx.writer
         self.workdir = ctx.workdir
         torch.set_num_threads(ctx.threads)
-        seed_everything(a.seed)  # before the network is built: the same seed gives the same run
-        self.data = SiteDataModule(a.data_root, ctx.site, a.batch_size, a.num_workers)
-        self.data.load()  # fail now, with one clear line, rather than mid-round
+        seed_everything(a.seed)  # before anything is built: the same seed gives the same run
+        self._setup_data(ctx.site)
         cuda = a.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
         self.device = torch.device("cuda" if cuda else "cpu")
-        self.net = CifarNet().to(self.device)
-        self.train_samples, self.val_samples = len(self.data.train_set), len(self.data.val_set)
-        self.site_params = a.site_params(ctx.site, ctx.threads, self.train_samples, self.val_samples)
+        net = build(self.network_spec, type(self).__name__, "network")
+        if not isinstance(net, torch.nn.Module):
+            raise ValueError(f"{type(self).__name__}: network {path_of(self.network_spec)} is not a torch nn.Module")
+        self.net = net.to(self.device)
+        self.site_params = self._site_params(ctx.threads)
 
     def describe(self) -> str:
-        return f"from {self.args.data_root}; accelerator={self.args.accelerator} ({self.device})"
+        return (
+            f"{path_of(self.network_spec)} on {path_of(self.args.datamodule)}; "
+            f"accelerator={self.args.accelerator} ({self.device})"
+        )
 
     def state_dict(self) -> dict:
         return {"step": self.step, "epochs": self.epochs}
@@ -151,7 +135,7 @@ class PTEngine(SiteEngine):
         a = self.args
         load_weights(self.net, global_weights)
         self._send_params()
-        optimizer = make_optimizer(self.net.parameters(), **a.optimizer_args())
+        optimizer = make_optimizer(self.net.parameters(), **self.optimizer_args)
         scaffold = None
         if global_controls is not None:
             if self.scaffold is None:
@@ -202,6 +186,21 @@ class PTEngine(SiteEngine):
             control_diff=control_diff,
         )
 
+    def dry_validation(self, weights: Weights | None = None) -> set | str:
+        """For flctl check, after _setup_data: the validation metric names, from one batch through
+        the network (with weights loaded, e.g. the server's initial model), or why it failed."""
+        try:
+            net = build(self.network_spec, type(self).__name__, "network")
+            if weights is not None:
+                load_weights(net, weights)
+            x, y = next(iter(self.data.val_dataloader()))
+            with torch.no_grad():
+                logits = net(x)
+                F.cross_entropy(logits, y)
+        except Exception as e:  # noqa: BLE001 - the user's code: whatever it raises is the finding
+            return f"{type(e).__name__}: {str(e)[:300]}"
+        return set(VALIDATION_METRICS)
+
     # ----- helpers -----------------------------------------------------------------------
     def _evaluate(self, abort_signal: AbortSignal | None) -> dict:
         self.net.eval()
@@ -212,7 +211,7 @@ class PTEngine(SiteEngine):
                 loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
                 correct += int((logits.argmax(dim=1) == y).sum())
                 n += len(y)
-        return {"val_loss": loss_sum / max(n, 1), "val_acc": correct / max(n, 1)}
+        return dict(zip(VALIDATION_METRICS, (loss_sum / max(n, 1), correct / max(n, 1)), strict=True))
 
     def _batches(self, loader, abort_signal: AbortSignal | None):
         for x, y in loader:
@@ -223,7 +222,8 @@ class PTEngine(SiteEngine):
         # Once per process: MLflowWriter has no round, and a param's value may not change.
         if self._params_sent or not self.args.tracking:
             return
-        self.writer.log_params({**self.args.optimizer_args(), "batch_size": self.args.batch_size, **self.site_params})
+        hparams = dict(getattr(self.data, "hparams", None) or {})  # the DataModule's, as Lightning logs them
+        self.writer.log_params({**self.optimizer_args, **hparams, **self.site_params})
         self.writer.set_tags({"trainer": "plain PyTorch loop"})
         self._params_sent = True
 

@@ -1,7 +1,7 @@
-"""Site data: CIFAR-10's on-disk layout, per-site split files, and the LightningDataModule.
+"""The CIFAR-10 example's data: CIFAR-10's on-disk layout, per-site split files, the DataModule.
 
 The same reader serves the real CIFAR-10 download and the offline dataset that
-`data_prep.py` generates. torchvision's CIFAR10 class is not used for reading because it
+`flctl prepare-data --offline` generates. torchvision's CIFAR10 class is not used for reading because it
 checks the MD5 sums of the original files and would reject the offline set.
 
 Layout under a data root:
@@ -115,12 +115,24 @@ def tensor_dataset(images: np.ndarray, labels: np.ndarray) -> TensorDataset:
     return TensorDataset(to_tensor(images), torch.from_numpy(labels))
 
 
-class SiteDataModule(pl.LightningDataModule):
-    """One site's share of the data: its train and validation parts, plus the common test set."""
+def split_info(data_root) -> dict:
+    """How the sites' shares were made (prepare_data's split_info.json), as hyperparameters."""
+    try:
+        info = json.loads((Path(data_root) / SPLITS_DIR / "split_info.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {"split": info.get("split"), "alpha": info.get("alpha"), "split_seed": info.get("seed")}
 
-    def __init__(self, data_root: str, site: str, batch_size: int = 32, num_workers: int = 0):
+
+class CifarDataModule(pl.LightningDataModule):
+    """One site's share of the data: its train and validation parts, plus the common test set.
+
+    site: filled in by the engine (the constructor takes it). Its hyperparameters (batch_size and
+    how the split was made) reach MLflow as the site run's params."""
+
+    def __init__(self, data_root: str, site: str = "site-1", batch_size: int = 32, num_workers: int = 0):
         super().__init__()
-        self.save_hyperparameters(ignore=["data_root", "site", "num_workers"])
+        self.save_hyperparameters({"batch_size": batch_size, **split_info(data_root)})
         self.data_root = str(data_root)
         self.site = site
         self.batch_size = batch_size

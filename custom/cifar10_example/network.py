@@ -1,6 +1,7 @@
-"""The network shared by the FL server (PTFileModelPersistor builds it) and the sites.
+"""CifarNet: the CIFAR-10 example's network, a small CNN for 3 x 32 x 32 images.
 
-Plain torch only: the server builds and stores this model without importing Lightning.
+Plain torch: LitCifarNet wraps it for the Lightning jobs; the plain-PyTorch job (PTEngine) and
+its server's persistor take it as it is.
 """
 
 import torch
