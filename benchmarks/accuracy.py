@@ -133,13 +133,13 @@ def train_central(data_root, sites, epochs, lr, seed, uri, purpose) -> dict:
     """Lightning on the union of the sites' training shares, the job's CNN and optimizer."""
     import pytorch_lightning as pl
     import torch
+    from bench_common import global_test_accuracy
     from mlflow.tracking import MlflowClient
     from torch.utils.data import DataLoader
 
-    from fl_lightning_mlflow.common.network import CifarNet
-    from fl_lightning_mlflow.site.data import read_train_set, split_path, tensor_dataset
-    from fl_lightning_mlflow.site.lit_module import LitCifarNet
-    from flctl.evaluate import global_test_accuracy
+    from cifar10_example.data import read_train_set, split_path, tensor_dataset
+    from cifar10_example.lit_module import LitCifarNet
+    from cifar10_example.network import CifarNet
 
     images, labels = read_train_set(data_root)
     splits = [json.loads(split_path(data_root, f"site-{i}").read_text()) for i in range(1, sites + 1)]

@@ -17,7 +17,7 @@ import torch
 
 from flctl import data_prep
 from flctl.errors import CliError
-from flctl.evaluate import global_test_accuracy, load_global_model
+from flctl.evaluate import evaluate
 from flctl.outcome import PARENT_KEY
 from flctl.simulate import simulate
 
@@ -61,13 +61,27 @@ def spread(values) -> dict:
 
 def make_data(root: Path, train_size: int, sites: int, alpha=None, seed=0, test_size=2000, difficulty=0.0) -> Path:
     """The offline set (generated once per folder), split over the sites (rewritten every call)."""
-    from fl_lightning_mlflow.site.data import read_train_set
+    from cifar10_example.data import read_train_set
 
     if not (root / "cifar-10-batches-py" / "test_batch").exists():
         data_prep.generate_offline(root, train_size=train_size, test_size=test_size, difficulty=difficulty)
     _, labels = read_train_set(root)
     data_prep.write_splits(root, labels, sites, alpha, seed, 0.1)
     return root
+
+
+def global_test_accuracy(net, data_root) -> tuple:
+    """(accuracy, test images) of a CIFAR-10 example network on the test batch."""
+    import torch
+
+    from cifar10_example.data import read_test_set, to_tensor
+
+    images, labels = read_test_set(data_root, site="server")
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(labels), 500):
+            correct += int((net(to_tensor(images[i : i + 500])).argmax(dim=1).numpy() == labels[i : i + 500]).sum())
+    return correct / len(labels), len(labels)
 
 
 def quiet_trainer(**kwargs):
@@ -126,7 +140,7 @@ def federated(
     first_train = first_time(lines, "training starts")
     last_agg = last_time(lines, AGGREGATED.pattern)
     fit = [float(x) for x in re.findall(r"steps in ([\d.]+) s", run.log)]
-    acc, _ = global_test_accuracy(load_global_model(run.outcome.model), data_root)
+    acc = evaluate(run.job, run.outcome.model)[0]["test_acc"]  # the job's own module and test_step
     out = {
         "wall_s": ended - started,
         "startup_s": first_train - started,

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fl_lightning_mlflow.common.network import CifarNet
-from fl_lightning_mlflow.site.data import read_test_set, read_train_set, to_tensor
+from cifar10_example.data import read_test_set, read_train_set, to_tensor
+from cifar10_example.network import CifarNet
 from flctl import data_prep
 
 REPO = Path(__file__).resolve().parents[1]

@@ -21,13 +21,13 @@ def main(argv) -> int:
     import pytorch_lightning as pl
     import torch
 
-    from fl_lightning_mlflow.common.network import CifarNet
-    from fl_lightning_mlflow.site.data import SiteDataModule
-    from fl_lightning_mlflow.site.lit_module import LitCifarNet
+    from cifar10_example.data import CifarDataModule
+    from cifar10_example.lit_module import LitCifarNet
+    from cifar10_example.network import CifarNet
 
     torch.set_num_threads(threads)
     pl.seed_everything(0, verbose=False)
-    data = SiteDataModule(data_root, site, batch_size=32)
+    data = CifarDataModule(data_root, site, batch_size=32)
     data.load()
     model = LitCifarNet(lr=0.02)
     model.net.load_state_dict(CifarNet(init_seed=0).state_dict())

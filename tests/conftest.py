@@ -15,6 +15,28 @@ JOB = REPO / "jobs" / "hello-lightning-mlflow"
 ROUNDS, SITES, EPOCHS, BATCH, LOG_EVERY = 2, 2, 1, 32, 10
 
 
+def spec(path: str, **args) -> dict:
+    """A user class as a job names it (fl_lightning_mlflow.common.class_spec)."""
+    return {"path": path, "config_type": "dict", "args": args}
+
+
+def cifar_engine(kind: str, data_root, batch_size: int = BATCH, num_workers: int = 0, lr=None, optimizer=None,
+                 momentum=None, datamodule=None, **engine_args):  # fmt: skip
+    """A site engine ("lightning" or "pt") on the CIFAR-10 example, configured as the jobs configure it."""
+    from fl_lightning_mlflow.site.lightning_engine import LightningEngine
+    from fl_lightning_mlflow.site.pt_engine import PTEngine
+
+    optimizer_args = {k: v for k, v in (("lr", lr), ("optimizer", optimizer), ("momentum", momentum)) if v is not None}
+    if datamodule is None:
+        datamodule = spec("cifar10_example.data.CifarDataModule", data_root=str(data_root), batch_size=batch_size,
+                          num_workers=num_workers)  # fmt: skip
+    if kind == "lightning":
+        module = spec("cifar10_example.lit_module.LitCifarNet", **optimizer_args)
+        return LightningEngine(module=module, datamodule=datamodule, **engine_args)
+    network = spec("cifar10_example.network.CifarNet")
+    return PTEngine(network=network, datamodule=datamodule, **optimizer_args, **engine_args)
+
+
 @pytest.fixture(scope="session")
 def offline_data(tmp_path_factory) -> Path:
     """The offline dataset, split over 2 sites (IID, seed 0): what CI trains on."""

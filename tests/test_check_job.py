@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from cifar10_example.data import batches_dir, split_path
 from conftest import JOB, REPO
-from fl_lightning_mlflow.site.data import batches_dir, split_path
 from flctl.check_job import check_job
 from flctl.configure import configure_job
 
@@ -39,6 +39,10 @@ def client_components(config):
 def trainer(config):
     """The component that takes the training arguments: the executor, or a training engine."""
     return next(spec for _, spec in client_components(config) if "local_epochs" in spec.get("args", {}))
+
+
+def datamodule_args(config):
+    return trainer(config)["args"]["datamodule"]["args"]
 
 
 def executor_args(config):
@@ -150,10 +154,25 @@ def test_a_dotted_key(tmp_path, offline_data):
         ("server.train_timeout", -5, "variable train_timeout: train_timeout must be >= 0, got -5"),
         ("client.local_epochs", 0, "TRAINER: local_epochs must be an integer >= 1, got 0"),
         ("client.local_epochs", "2", "TRAINER: local_epochs must be an integer >= 1, got '2'"),
-        ("client.batch_size", 0, "TRAINER: batch_size must be an integer >= 1, got 0"),
-        ("client.lr", -0.1, "TRAINER: lr must be a number in (0, 10.0], got -0.1"),
-        ("client.lr", 50, "TRAINER: lr must be a number in (0, 10.0], got 50"),
-        ("client.optimizer", "adamm", "TRAINER: optimizer must be one of"),
+        # the user's classes refuse their own arguments, in their own words, named by the engine
+        (
+            "client.batch_size",
+            0,
+            "TRAINER: datamodule cifar10_example.data.CifarDataModule refused its arguments: "
+            "ValueError: CifarDataModule: batch_size must be an integer >= 1, got 0",
+        ),
+        (
+            "client.lr",
+            -0.1,
+            "component 'engine': TRAINER: module cifar10_example.lit_module.LitCifarNet refused its "
+            "arguments: ValueError: lr must be > 0, got -0.1",
+        ),
+        (
+            "client.optimizer",
+            "adamm",
+            "TRAINER: module cifar10_example.lit_module.LitCifarNet refused its arguments: "
+            "ValueError: optimizer must be one of",
+        ),
         ("meta.min_clients", 0, "meta.json: min_clients must be an integer >= 1, got 0"),
     ],
 )
@@ -277,22 +296,22 @@ def test_the_command_line_prints_one_line_per_problem_and_fails(tmp_path, offlin
     # `flctl check` as the command line runs it (in this process; test_the_shipped_jobs_pass runs a fresh one).
     from flctl.cli import main
 
-    job = job_copy(tmp_path, offline_data, **{"client.lr": 0})
+    job = job_copy(tmp_path, offline_data, **{"client.local_epochs": 0})
     assert main(["check", str(job), "--sites", "2"]) == 1
     out, err = capsys.readouterr()
     assert out == ""
     (line,) = err.splitlines()
     where, spec = next(
-        (w, c) for w, c in client_components(json.loads((job / CLIENT).read_text())) if "lr" in c["args"]
+        (w, c) for w, c in client_components(json.loads((job / CLIENT).read_text())) if "local_epochs" in c["args"]
     )
     assert line.startswith(f"flctl check: {job / CLIENT}: {where} (id {spec['id']!r})")
-    assert "lr must be a number in (0, 10.0], got 0" in line
+    assert "local_epochs must be an integer >= 1, got 0" in line
 
 
 @pytest.mark.slow
 def test_run_simulator_refuses_a_bad_job_before_starting_anything(tmp_path, offline_data):
     job = job_copy(tmp_path, offline_data)
-    edit(job, CLIENT, lambda c: executor_args(c).update(batchsize=64))
+    edit(job, CLIENT, lambda c: datamodule_args(c).update(batchsize=64))
     result = subprocess.run(
         ["bash", str(REPO / "scripts/run_simulator.sh"), "--job", str(job), "--offline"]
         + ["--data-root", str(offline_data), "--workspace", str(tmp_path / "ws")],
@@ -302,7 +321,7 @@ def test_run_simulator_refuses_a_bad_job_before_starting_anything(tmp_path, offl
     )
     assert result.returncode == 1
     problem, verdict = result.stderr.strip().splitlines()[-2:]
-    assert problem.endswith(f"{trainer_class()} has no argument 'batchsize' (did you mean 'batch_size'?)")
+    assert problem.endswith("CifarDataModule has no argument 'batchsize' (did you mean 'batch_size'?)")
     assert verdict.startswith("flctl simulate: the job has the problem(s) above; nothing was started")
     assert "running: nvflare simulator" not in result.stdout
     assert not list((tmp_path / "ws").glob("runs/*/simulator"))

@@ -8,11 +8,11 @@ import pickle
 import numpy as np
 import pytest
 
-from fl_lightning_mlflow.site.data import (
+from cifar10_example.data import (
     BATCHES_DIR,
     NUM_CLASSES,
+    CifarDataModule,
     SiteDataError,
-    SiteDataModule,
     batches_dir,
     read_test_set,
     read_train_set,
@@ -85,7 +85,7 @@ def test_offline_dataset_has_cifar_layout_and_every_class(offline_data):
 
 
 def test_site_datamodule_reads_only_its_own_share(offline_data):
-    dm = SiteDataModule(str(offline_data), "site-1", batch_size=64)
+    dm = CifarDataModule(str(offline_data), "site-1", batch_size=64)
     dm.setup("fit")
     split = json.loads(split_path(offline_data, "site-1").read_text())
     assert len(dm.train_set) == len(split["train"]) and len(dm.val_set) == len(split["val"])
@@ -192,7 +192,7 @@ def copy_data(src, dest):
 
 def expect_error(root, site, fragment, path):
     with pytest.raises(SiteDataError) as err:
-        SiteDataModule(str(root), site).load()
+        CifarDataModule(str(root), site).load()
     message = str(err.value)
     assert "\n" not in message
     assert f"site {site}" in message and fragment in message and str(path) in message

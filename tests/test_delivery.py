@@ -6,13 +6,14 @@ import logging
 import pytest
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 
+from conftest import cifar_engine
 from fl_lightning_mlflow.common.protocol import GLOBAL_PREFIX, METRICS, METRICS_BATCH, PARAMS, SENT_COUNTS_META
 from fl_lightning_mlflow.server.delivery import DeliveryLedger
 from fl_lightning_mlflow.server.records import RecordChecker
 from fl_lightning_mlflow.site.engine import SiteContext
 from fl_lightning_mlflow.site.executor import flush_engine, with_sent_counts
 from fl_lightning_mlflow.site.flare_logger import SentCounter
-from test_site_engines import BATCH, ENGINES, LOG_EVERY, Sink, global_weights
+from test_site_engines import BATCH, LOG_EVERY, Sink, global_weights
 
 
 # ----- the server's ledger ------------------------------------------------------------------------
@@ -123,7 +124,7 @@ def test_the_train_result_of_a_real_engine_run_carries_what_was_sent(kind, offli
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     sink, counter = Sink(), SentCounter()
     args = {"metrics_flush_seconds": 3600.0} if kind == "lightning" else {}  # only a flush sends
-    engine = ENGINES[kind](data_root=str(offline_data), batch_size=BATCH, log_every_n_steps=LOG_EVERY, **args)
+    engine = cifar_engine(kind, offline_data, batch_size=BATCH, log_every_n_steps=LOG_EVERY, **args)
     # what the executor hands the engine: its sender and the log writer, both counted
     engine.setup(SiteContext("site-1", tmp_path, 1, send=counter.sender(sink), writer=counter.writer(sink)))
     start = global_weights(3)

@@ -8,11 +8,11 @@ import pytest
 import pytorch_lightning as pl
 from nvflare.apis.signal import Signal
 
-from fl_lightning_mlflow.site.data import SiteDataModule
+from cifar10_example.data import CifarDataModule
+from cifar10_example.lit_module import LitCifarNet
 from fl_lightning_mlflow.site.engine import TaskAborted
 from fl_lightning_mlflow.site.flare_logger import MAX_PARAMS_PER_RECORD, METRICS, METRICS_BATCH, PARAMS, FlareLogger
 from fl_lightning_mlflow.site.lightning_engine import AbortOnSignal
-from fl_lightning_mlflow.site.lit_module import LitCifarNet
 
 logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
 
@@ -82,7 +82,7 @@ def test_hyperparameters_are_flattened_sent_once_and_chunked():
 def test_real_trainers_over_two_rounds_give_strictly_increasing_steps(offline_data):
     rec = Recorder()
     log = FlareLogger(rec)
-    data = SiteDataModule(str(offline_data), "site-1", batch_size=64)
+    data = CifarDataModule(str(offline_data), "site-1", batch_size=64)
     model = LitCifarNet()
     for fl_round in range(2):
         log.round = fl_round
@@ -117,7 +117,7 @@ def test_real_trainers_over_two_rounds_give_strictly_increasing_steps(offline_da
 
 def test_abort_signal_stops_a_running_trainer_within_seconds(offline_data):
     signal = Signal()
-    data = SiteDataModule(str(offline_data), "site-1", batch_size=8)
+    data = CifarDataModule(str(offline_data), "site-1", batch_size=8)
     trainer = pl.Trainer(
         max_epochs=1000,
         logger=False,

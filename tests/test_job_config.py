@@ -38,7 +38,9 @@ def class_paths():
 
 
 @pytest.mark.parametrize("where,class_path", list(class_paths()))
-def test_every_class_path_imports(where, class_path):
+def test_every_class_path_imports(where, class_path, monkeypatch):
+    # As FLARE loads it: the job's own app/custom first (a user's module lives there).
+    monkeypatch.syspath_prepend(str(REPO / "jobs" / where.split("/")[0] / "app" / "custom"))
     module, _, name = class_path.rpartition(".")
     assert getattr(importlib.import_module(module), name), where
 
@@ -66,15 +68,25 @@ def test_every_job_is_there():
         assert server["experiment_name"] == job and server["registered_model_name"] == f"{job}-global"
 
 
+# What each job ships besides the package: the CIFAR-10 example's code (a link), or the user's own.
+USER_CODE = {job: ["cifar10_example"] for job in JOBS} | {"hello-lightning-tabular": ["tabular_regression"]}
+
+
 @pytest.mark.parametrize("job", JOBS)
 def test_the_job_carries_the_package_as_one_link_to_custom(job):
-    # One source of truth: app/custom holds a relative link to the package, nothing else; the
-    # command-line package (flctl: data preparation, checks) is not shipped to the sites.
+    # One source of truth: app/custom holds relative links to the package (and to the CIFAR-10
+    # example, which lives once in custom/), and the user's code; the command-line package
+    # (flctl: data preparation, checks) is not shipped to the sites.
     shipped = REPO / "jobs" / job / "app" / "custom"
-    assert sorted(p.name for p in shipped.iterdir()) == ["fl_lightning_mlflow"]
-    link = shipped / "fl_lightning_mlflow"
-    assert link.is_symlink() and os.readlink(link) == "../../../../custom/fl_lightning_mlflow"
-    assert link.resolve() == (REPO / "custom" / "fl_lightning_mlflow").resolve()
+    assert sorted(p.name for p in shipped.iterdir()) == sorted(["fl_lightning_mlflow", *USER_CODE[job]])
+    for name in ("fl_lightning_mlflow", "cifar10_example"):
+        link = shipped / name
+        if name in ("fl_lightning_mlflow", *USER_CODE[job]) and (REPO / "custom" / name).is_dir():
+            assert link.is_symlink() and os.readlink(link) == f"../../../../custom/{name}"
+            assert link.resolve() == (REPO / "custom" / name).resolve()
+    user_code = shipped / USER_CODE[job][0]
+    if not (REPO / "custom" / USER_CODE[job][0]).is_dir():  # a user's own code: real files in the job
+        assert user_code.is_dir() and not user_code.is_symlink()
 
 
 def test_the_algorithm_jobs_differ_from_fedavg_only_where_the_algorithm_does():
@@ -110,7 +122,9 @@ def test_configure_job_sets_variables_on_a_copy(tmp_path):
     assert json.loads((dest / "app/config/config_fed_client.json").read_text())["data_root"] == "/data"
     assert json.loads(CONFIGS[1].read_text())["num_rounds"] == 2  # the original is untouched
     copied = dest / "app/custom/fl_lightning_mlflow"
-    assert not copied.is_symlink() and (copied / "common/network.py").is_file()  # real files: runs anywhere
+    assert not copied.is_symlink() and (copied / "site/executor.py").is_file()  # real files: runs anywhere
+    example = dest / "app/custom/cifar10_example"
+    assert not example.is_symlink() and (example / "lit_module.py").is_file()
 
 
 def test_configure_job_refuses_unknown_variables(tmp_path):
@@ -144,15 +158,36 @@ def test_simulator_concurrency_is_read_from_the_simulator_command_line(tmp_path)
 def test_seeded_initial_global_model_is_reproducible():
     import torch
 
-    from fl_lightning_mlflow.common.network import CifarNet
+    from cifar10_example.network import CifarNet
+    from fl_lightning_mlflow.server.initial_model import initial_model, spec_of
 
-    a, b = CifarNet(init_seed=0).state_dict(), CifarNet(init_seed=0).state_dict()
+    module = {"path": "cifar10_example.lit_module.LitCifarNet", "config_type": "dict", "args": {}}
+    a, b = initial_model(module, seed=0).state_dict(), initial_model(module, seed=0).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # The same weights as the plain network's seeded build: the Lightning and plain jobs start alike.
+    plain = CifarNet(init_seed=0).state_dict()
+    assert set(plain) == set(a) and all(torch.equal(a[k], plain[k]) for k in a)
+    assert not all(torch.equal(a[k], initial_model(module, seed=1).state_dict()[k]) for k in a)
+    assert spec_of(initial_model(module, seed=0)) == {"path": module["path"], "args": {}}
     server = json.loads(CONFIGS[1].read_text())
-    assert server["components"][0]["args"]["model"]["args"]["init_seed"] == "{seed}"
+    model = server["components"][0]["args"]["model"]
+    assert model["path"] == "fl_lightning_mlflow.server.initial_model.initial_model"
+    assert model["args"] == {"module": module, "seed": "{seed}"}
+
+
+def test_initial_model_refuses_a_module_flare_already_built_or_a_bad_seed():
+    from fl_lightning_mlflow.server.initial_model import initial_model
+
+    with pytest.raises(ValueError, match=r'^initial_model: module must be .* \(with "config_type": "dict", so that'):
+        initial_model({"not": "a spec"})
+    with pytest.raises(ValueError, match=r"^initial_model: seed must be an integer or null, got 'x'$"):
+        initial_model({"path": "cifar10_example.network.CifarNet", "config_type": "dict"}, seed="x")
+    with pytest.raises(ValueError, match=r"^initial_model: module class path 'nowhere.Net' does not import: "):
+        initial_model({"path": "nowhere.Net", "config_type": "dict"})
 
 
 TEMPLATE = REPO / "job_templates" / "lightning_mlflow_fedavg"
+TEMPLATE_VARIABLES = {"server": {"module_path"}, "client": {"module_path", "datamodule_path"}}
 
 
 def test_job_template_has_the_files_nvflare_job_create_needs():
@@ -165,9 +200,17 @@ def test_job_template_configures_exactly_what_the_job_does(side):
     # The template is the job's config with comments for `nvflare job create` users; this keeps them one.
     from pyhocon import ConfigFactory
 
+    from flctl.check_job import resolve, variables
+
     template = json.loads(json.dumps(ConfigFactory.parse_file(str(TEMPLATE / f"config_fed_{side}.conf"))))
     job = json.loads((JOB / "app" / "config" / f"config_fed_{side}.json").read_text())
-    assert template == job
+    # The template names the module and the DataModule by variables (nvflare job create fills them
+    # in); the job writes them out. Resolved, they are one.
+    for name in TEMPLATE_VARIABLES[side]:
+        assert template[name].startswith("cifar10_example."), name
+    resolved = resolve(template, variables(template))
+    assert {k: v for k, v in resolved.items() if k not in TEMPLATE_VARIABLES[side]} == resolve(job, variables(job))
+    assert not TEMPLATE_VARIABLES[side] & set(job)
 
 
 def test_installable_packages_are_found_not_listed():

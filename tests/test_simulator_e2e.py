@@ -6,10 +6,10 @@ import re
 
 import pytest
 
+from cifar10_example.data import split_path
 from conftest import BATCH, EPOCHS, JOB, LOG_EVERY, ROUNDS, SITES, run_simulator, tracked_runs
-from fl_lightning_mlflow.site.data import split_path
 from flctl.configure import configure_job
-from flctl.evaluate import global_test_accuracy, load_global_model
+from flctl.evaluate import evaluate
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +19,8 @@ def test_global_models_are_written_and_the_final_one_beats_chance(finished_run, 
     assert (server / "app_server" / "FL_global_model.pt").is_file()
     # Written only when the server's key_metric matches what the sites report.
     assert (server / "app_server" / "best_FL_global_model.pt").is_file()
-    accuracy, n = global_test_accuracy(load_global_model(server / "app_server" / "FL_global_model.pt"), offline_data)
+    metrics, n = evaluate(JOB, server / "app_server" / "FL_global_model.pt", data_root=offline_data)
+    accuracy = metrics["test_acc"]
     print(f"final global model: test accuracy {accuracy:.4f} on {n} held-out images")
     assert n == 1000 and accuracy > 0.3  # chance is 0.1
 

@@ -11,9 +11,10 @@ import pytest
 import torch
 from nvflare.apis.signal import Signal
 
-from fl_lightning_mlflow.common.network import CifarNet
-from fl_lightning_mlflow.common.protocol import GLOBAL_PREFIX, METRICS, METRICS_BATCH, PARAMS, REPORTED_METRICS
-from fl_lightning_mlflow.site.data import SiteDataError
+from cifar10_example.data import SiteDataError
+from cifar10_example.network import CifarNet
+from conftest import cifar_engine
+from fl_lightning_mlflow.common.protocol import GLOBAL_PREFIX, METRICS, METRICS_BATCH, PARAMS
 from fl_lightning_mlflow.site.engine import FitResult, SiteContext, SiteEngine, TaskAborted, make_optimizer
 from fl_lightning_mlflow.site.executor import SiteExecutor
 from fl_lightning_mlflow.site.lightning_engine import LightningEngine
@@ -70,7 +71,7 @@ def _one_torch_thread(one_thread):
 
 
 def make_engine(kind, data_root, tmp_path, sink=None, **args):
-    engine = ENGINES[kind](data_root=str(data_root), batch_size=BATCH, log_every_n_steps=LOG_EVERY, **args)
+    engine = cifar_engine(kind, data_root, batch_size=BATCH, log_every_n_steps=LOG_EVERY, **args)
     sink = sink if sink is not None else Sink()
     ctx = SiteContext(site="site-1", workdir=tmp_path, threads=1, send=sink, writer=sink)
     engine.setup(ctx)
@@ -166,52 +167,120 @@ def test_an_abort_signal_stops_training_within_seconds(kind, offline_data, tmp_p
 
 @pytest.mark.parametrize("kind", ENGINES)
 def test_missing_site_data_fails_setup_with_one_line(kind, tmp_path):
-    engine = ENGINES[kind](data_root=str(tmp_path / "nowhere"))
+    engine = cifar_engine(kind, tmp_path / "nowhere")
     with pytest.raises(SiteDataError, match=r"^site site-1: missing data folder: .*nowhere$"):
         engine.setup(SiteContext(site="site-1", workdir=tmp_path, writer=Sink()))
 
 
 def test_the_plain_loop_needs_its_writer_only_when_tracking(offline_data, tmp_path):
     with pytest.raises(ValueError, match=r"^PTEngine: no log writer \(component 'mlflow_writer', an MLflowWriter\)$"):
-        PTEngine(data_root=str(offline_data)).setup(SiteContext(site="site-1", workdir=tmp_path))
-    assert PTEngine(data_root=str(offline_data), tracking=False).writer_id is None
+        cifar_engine("pt", offline_data).setup(SiteContext(site="site-1", workdir=tmp_path))
+    assert cifar_engine("pt", offline_data, tracking=False).writer_id is None
 
 
 @pytest.mark.parametrize("kind", ENGINES)
 @pytest.mark.parametrize(
     "arg,value,message",
     [
-        ("lr", 50, "lr must be a number in (0, 10.0], got 50"),
-        ("lr", 0, "lr must be a number in (0, 10.0], got 0"),
         ("local_epochs", 0, "local_epochs must be an integer >= 1, got 0"),
         ("local_epochs", "2", "local_epochs must be an integer >= 1, got '2'"),
-        ("batch_size", 1.5, "batch_size must be an integer >= 1, got 1.5"),
         ("log_every_n_steps", True, "log_every_n_steps must be an integer >= 1, got True"),
-        ("optimizer", "x", "optimizer must be one of ('sgd', 'adam', 'adamw'), got 'x'"),
         ("accelerator", "tpu", "accelerator must be auto, cpu or gpu, got 'tpu'"),
-        ("momentum", -1, "momentum must be a number >= 0, got -1"),
-        ("num_workers", -1, "num_workers must be an integer >= 0, got -1"),
-        ("data_root", "", "data_root must be a folder path, got ''"),
         ("tracking", "yes", "tracking must be true or false, got 'yes'"),
+        ("fedprox_mu", -1, "fedprox_mu must be a number >= 0 (0: FedAvg), got -1"),
+        ("datamodule", "", "datamodule must be "),
+        ("datamodule", {"path": "pkg.Data", "argz": {}}, "datamodule has unknown key(s) ['argz']"),
+        ("datamodule", {"path": "Data"}, "datamodule.path must be a 'pkg.mod.Class' path, got 'Data'"),
     ],
 )
-def test_a_bad_argument_is_refused_in_one_line(kind, arg, value, message):
-    cls = ENGINES[kind]
+def test_a_bad_shared_argument_is_refused_in_one_line(kind, arg, value, message, offline_data):
+    """Every engine takes the same argument set (SiteEngine's) and refuses a bad one alike."""
     with pytest.raises(ValueError) as refused:
-        cls(**{arg: value})
-    assert str(refused.value) == f"{cls.__name__}: {message}"
+        cifar_engine(kind, offline_data, **{arg: value})
+    assert str(refused.value).startswith(f"{ENGINES[kind].__name__}: {message}")
+    assert "\n" not in str(refused.value)
 
 
-def test_the_executor_checks_its_own_arguments_and_names_what_sites_report():
-    assert SiteExecutor.reported_metrics == REPORTED_METRICS
+@pytest.mark.parametrize(
+    "kind,arg,value,message",
+    [
+        ("pt", "lr", 50, "lr must be a number in (0, 10.0], got 50"),
+        ("pt", "lr", 0, "lr must be a number in (0, 10.0], got 0"),
+        ("pt", "optimizer", "x", "optimizer must be one of ('sgd', 'adam', 'adamw'), got 'x'"),
+        ("pt", "momentum", -1, "momentum must be a number >= 0, got -1"),
+        ("pt", "network", None, "network must be "),
+        ("lightning", "module", None, "module must be "),
+        ("lightning", "trainer", {"max_epochs": 3}, "trainer.max_epochs is set by the engine"),
+        ("lightning", "trainer", {"logger": False}, "trainer.logger is set by the engine"),
+        ("lightning", "trainer", {"gradient_clip": 1.0}, "trainer.gradient_clip is not a pytorch_lightning.Trainer "
+                                                         "argument (did you mean 'gradient_clip_val'?)"),
+        ("lightning", "trainer", [1], "trainer must be an object of Trainer arguments, got [1]"),
+        ("lightning", "metrics_flush_seconds", -1, "metrics_flush_seconds must be a number >= 0, got -1"),
+    ],
+)  # fmt: skip
+def test_an_engine_refuses_a_bad_argument_of_its_own_in_one_line(kind, arg, value, message, offline_data):
+    cls = ENGINES[kind]
+    spec = {"path": "cifar10_example.data.CifarDataModule", "config_type": "dict", "args": {}}
+    with pytest.raises(ValueError) as refused:
+        args = {"datamodule": spec, ("module" if kind == "lightning" else "network"): spec, arg: value}
+        cls(**args)
+    assert str(refused.value).startswith(f"{cls.__name__}: {message}")
+
+
+def test_a_datamodule_that_is_not_there_or_refuses_its_arguments_fails_setup_in_one_line(offline_data, tmp_path):
+    missing = {"path": "no_such_pkg.Data", "config_type": "dict", "args": {}}
+    engine = LightningEngine(module=missing, datamodule=missing)
+    with pytest.raises(
+        ValueError, match=r"^LightningEngine: datamodule class path 'no_such_pkg.Data' does not import: "
+    ):
+        engine.setup(SiteContext(site="site-1", workdir=tmp_path))
+    engine = cifar_engine("lightning", offline_data, batch_size=32)
+    engine.args.datamodule["args"]["batch_sise"] = 32
+    with pytest.raises(ValueError, match=r"^LightningEngine: datamodule cifar10_example.data.CifarDataModule refused"):
+        engine.setup(SiteContext(site="site-1", workdir=tmp_path))
+
+
+def test_the_datamodule_learns_its_site_and_the_module_is_any_lightning_module(offline_data, tmp_path):
+    engine = cifar_engine("lightning", offline_data)
+    engine.setup(SiteContext(site="site-2", workdir=tmp_path))
+    assert engine.data.site == "site-2" and engine.site == "site-2"
+    not_a_module = {"path": "cifar10_example.network.CifarNet", "config_type": "dict", "args": {}}
+    engine = LightningEngine(module=not_a_module, datamodule=engine.args.datamodule)
+    with pytest.raises(
+        ValueError, match=r"^LightningEngine: module cifar10_example.network.CifarNet is not a Lightning"
+    ):
+        engine.setup(SiteContext(site="site-1", workdir=tmp_path))
+
+
+def test_weights_of_another_model_are_refused_in_one_line(offline_data, tmp_path):
+    engine, _ = make_engine("lightning", offline_data, tmp_path)
+    weights = {**global_weights(0), "extra.weight": np.zeros(3, dtype=np.float32)}
+    del weights["features.0.weight"]
+    with pytest.raises(
+        ValueError, match=r"^the global model does not fit the site's LitCifarNet: missing \['features.0.weight'\]"
+    ):
+        engine.evaluate(weights, None)
+
+
+def test_the_executor_checks_its_own_arguments():
     with pytest.raises(ValueError, match=r"^SiteExecutor: threads_per_site must be an integer >= 0, got -1$"):
         SiteExecutor(threads_per_site=-1)
     with pytest.raises(ValueError, match=r"^SiteExecutor: engine_id must be a component id, got ''$"):
         SiteExecutor(engine_id="")
+    with pytest.raises(ValueError, match=r'^SiteExecutor: key_metric_mode must be "max" or "min", got \'low\'$'):
+        SiteExecutor(key_metric_mode="low")
     assert SiteExecutor(engine_id="engine", threads_per_site=2).task_names == ("train", "validate", "submit_model")
 
 
-def test_both_engines_build_the_same_optimizer_from_the_same_settings():
+def test_the_best_local_model_follows_the_key_metric_and_its_mode():
+    lowest = SiteExecutor(key_metric="val_mse", key_metric_mode="min")
+    assert [lowest._better_local({"val_mse": v}) for v in (0.5, 0.7, 0.3, 0.3)] == [True, False, True, False]
+    highest = SiteExecutor(key_metric="val_acc")
+    assert [highest._better_local({"val_acc": v}) for v in (0.5, 0.7, 0.3)] == [True, True, False]
+    assert SiteExecutor()._better_local({}) is True  # no key metric: the last local model
+
+
+def test_the_plain_loop_builds_its_optimizer_from_its_settings():
     net = CifarNet()
     sgd = make_optimizer(net.parameters(), "sgd", lr=0.1, momentum=0.5, weight_decay=0.01)
     assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.5

@@ -11,11 +11,11 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from cifar10_example.data import split_path
+from cifar10_example.network import CifarNet
 from conftest import ROUNDS, SITES, tracked_runs
-from fl_lightning_mlflow.common.network import CifarNet
 from fl_lightning_mlflow.common.protocol import MAX_KEY_LENGTH, MAX_PARAM_VALUE_LENGTH, STATS_FILE
 from fl_lightning_mlflow.server.dataset_inputs import CONTEXT_TAG
-from fl_lightning_mlflow.site.data import split_path
 
 pytestmark = pytest.mark.slow
 

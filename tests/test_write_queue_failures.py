@@ -199,7 +199,7 @@ def test_close_on_a_broken_queue_counts_what_is_left_and_never_raises(tmp_path, 
 
 def test_run_creation_is_idempotent_when_a_reply_is_lost_and_the_account_says_what_was_refused(store, tmp_path):
     uri, client, _ = store
-    models = ModelLogger("fl_lightning_mlflow.common.network.CifarNet", "idem-model")
+    models = ModelLogger("cifar10_example.network.CifarNet", "idem-model")
 
     def sink_for(run_dir):
         sink = MLflowSink(uri, run_dir, "idempotent", models, retry_initial=0.01)
@@ -246,7 +246,7 @@ def test_a_model_version_is_registered_once_when_registration_is_retried(store, 
     uri, client, experiment = store
     run_id = client.create_run(experiment).info.run_id
     model = client.create_logged_model(experiment, name="best_global_model", source_run_id=run_id)
-    logger = ModelLogger("fl_lightning_mlflow.common.network.CifarNet", "registered-once")
+    logger = ModelLogger("cifar10_example.network.CifarNet", "registered-once")
     tags = {"job_id": "simulate_job", JOB_UID_TAG: "uid-1", "model": "best_global_model", "round": "1"}
     previous = tracking_utils._tracking_uri  # None unless a test set it: then back to the environment
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # restored after the test

@@ -132,6 +132,9 @@ class CifarDataModule(pl.LightningDataModule):
 
     def __init__(self, data_root: str, site: str = "site-1", batch_size: int = 32, num_workers: int = 0):
         super().__init__()
+        for name, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"CifarDataModule: {name} must be an integer >= {low}, got {value!r}")
         self.save_hyperparameters({"batch_size": batch_size, **split_info(data_root)})
         self.data_root = str(data_root)
         self.site = site

@@ -23,10 +23,13 @@ class LitCifarNet(pl.LightningModule):
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         self.save_hyperparameters()
-        self.net = CifarNet()
+        # CifarNet's layers as this module's own: its weights are named as CifarNet's
+        # ("features.0.weight", ...), so the Lightning and the plain-PyTorch jobs exchange the same model.
+        net = CifarNet()
+        self.features, self.classifier = net.features, net.classifier
 
     def forward(self, x):
-        return self.net(x)
+        return self.classifier(self.features(x))
 
     def _loss_acc(self, batch):
         x, y = batch

@@ -202,7 +202,7 @@ def _check_job(job: Path, sites: int | None, data_root: str | None, check_data: 
     )
     if sites is None:  # as many as the split was made for; without a split, as many as the job needs
         sites = split_sites([root] if root else []) or max(min_clients)
-    checked, reported = 0, None
+    checked, reported, validated = 0, None, False
     for site in site_names(sites):
         try:
             engine._setup_data(site)
@@ -212,8 +212,12 @@ def _check_job(job: Path, sites: int | None, data_root: str | None, check_data: 
             if root and not Path(root).is_dir():
                 break  # one line for a missing folder, not one per site
             continue
-        if reported is None:
-            reported = dry_validation(engine, built, client_path, server_path, problems)
+        if not validated:  # on the first site whose data reads
+            validated = True
+            try:
+                reported = dry_validation(engine, built, client_path, server_path, problems)
+            except ValueError as e:  # the module does not build: its one line
+                problems.append(f"{client_path}: component {cid!r}: {e}")
     if reported is not None:
         check_key_metrics(built, reported, client_path, server_path, problems)
     return problems, f"{len(built)} components, data for {checked} site(s)"

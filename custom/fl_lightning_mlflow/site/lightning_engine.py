@@ -249,9 +249,10 @@ class LightningEngine(SiteEngine):
 
     def dry_validation(self, weights: Weights | None = None) -> set | str:
         """For flctl check, after _setup_data: the names the module logs in validation, from one
-        batch (with weights loaded, e.g. the server's initial model), or why it could not run."""
+        batch (with weights loaded, e.g. the server's initial model), or why it could not run. A module
+        that does not build raises its one-line ValueError."""
+        module = build(self.module_spec, type(self).__name__, "module")  # a SpecError is the caller's line
         try:
-            module = build(self.module_spec, type(self).__name__, "module")
             if weights is not None:
                 load_weights(module, weights)
             logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # a check: no Trainer chatter

@@ -189,8 +189,8 @@ class PTEngine(SiteEngine):
     def dry_validation(self, weights: Weights | None = None) -> set | str:
         """For flctl check, after _setup_data: the validation metric names, from one batch through
         the network (with weights loaded, e.g. the server's initial model), or why it failed."""
+        net = build(self.network_spec, type(self).__name__, "network")  # a SpecError is the caller's line
         try:
-            net = build(self.network_spec, type(self).__name__, "network")
             if weights is not None:
                 load_weights(net, weights)
             x, y = next(iter(self.data.val_dataloader()))
