@@ -14,10 +14,11 @@ from nvflare.app_common.widgets.intime_model_selector import IntimeModelSelector
 from fl_lightning_mlflow.server.summary import FAILED, FINISHED, FederationSummary
 
 KEY = "global_val_acc"
+MODES = {KEY: "max", "global_val_loss": "min"}  # as the tracker gives them: the selector's mode, metric_modes
 
 
 def test_round_points_are_the_step_weighted_mean_each_site_and_the_count():
-    summary = FederationSummary(num_rounds=1)
+    summary = FederationSummary(num_rounds=1, metric_modes=MODES)
     assert summary.add_contribution("site-2", 0, {KEY: 0.5, "global_val_loss": 2.0}, num_steps=300, current_round=0)
     assert summary.add_contribution("site-1", 0, {KEY: 0.9, "global_val_loss": 1.0}, num_steps=100, current_round=0)
     points = dict(summary.close_round(0))
@@ -25,11 +26,38 @@ def test_round_points_are_the_step_weighted_mean_each_site_and_the_count():
     assert points["global_val_loss"] == pytest.approx((2.0 * 300 + 1.0 * 100) / 400)
     assert points[f"{KEY}/site-1"] == 0.9 and points[f"{KEY}/site-2"] == 0.5
     assert points["contributing_sites"] == 2.0
-    # Fairness beside the mean: the worst site (lowest accuracy, highest loss) and the spread.
+    # Fairness beside the mean: the worst site (lowest "max" accuracy, highest "min" loss) and the spread.
     assert points[f"{KEY}/worst_site"] == 0.5 and points[f"{KEY}/spread"] == pytest.approx(0.4)
     assert points["global_val_loss/worst_site"] == 2.0 and points["global_val_loss/spread"] == 1.0
     names = [name for name, _ in summary.close_round(1)]
     assert names == ["contributing_sites"]  # an empty round still says how many sites took part
+
+
+def test_the_worst_site_follows_the_metric_modes_and_no_name_is_guessed():
+    metrics = {
+        "site-1": {"global_val_mse": 0.2, "global_val_r2": 0.9, "global_val_loss": 0.3, "global_val_score": 4.0},
+        "site-2": {"global_val_mse": 0.6, "global_val_r2": 0.5, "global_val_loss": 0.1, "global_val_score": 1.0},
+    }
+    modes = {"global_val_mse": "min", "global_val_r2": "max", "global_val_loss": "max"}
+    summary = FederationSummary(metric_modes=modes)
+    for site, values in metrics.items():
+        summary.add_contribution(site, 0, values, num_steps=10)
+    points = dict(summary.close_round(0))
+    assert points["global_val_mse/worst_site"] == 0.6  # "min": the highest value is the worst
+    assert points["global_val_r2/worst_site"] == 0.5  # "max": the lowest
+    assert points["global_val_loss/worst_site"] == 0.1  # its mode, not its name, says which way is worse
+    # No mode: no worst site (nothing is guessed), but the spread is there for every metric.
+    assert "global_val_score/worst_site" not in points and points["global_val_score/spread"] == 3.0
+    assert {name: points[f"{name}/spread"] for name in modes} == pytest.approx(
+        {"global_val_mse": 0.4, "global_val_r2": 0.4, "global_val_loss": 0.2}
+    )
+    # No modes at all: spreads only.
+    summary = FederationSummary()
+    for site, values in metrics.items():
+        summary.add_contribution(site, 0, values, num_steps=10)
+    names = [name for name, _ in summary.close_round(0)]
+    assert not [name for name in names if name.endswith("/worst_site")]
+    assert sum(name.endswith("/spread") for name in names) == 4
 
 
 def test_without_weigh_by_local_iter_every_site_counts_once_times_its_aggregation_weight():
@@ -40,7 +68,7 @@ def test_without_weigh_by_local_iter_every_site_counts_once_times_its_aggregatio
 
 
 def test_values_the_selector_skips_are_left_out_of_the_mean_but_shown_per_site():
-    summary = FederationSummary()
+    summary = FederationSummary(metric_modes=MODES)
     summary.add_contribution("site-1", 0, {KEY: 0.4}, num_steps=10)
     summary.add_contribution("site-2", 0, {KEY: math.nan}, num_steps=10)
     summary.add_contribution("site-3", 0, {KEY: "high"}, num_steps=10)
@@ -54,7 +82,7 @@ def test_values_the_selector_skips_are_left_out_of_the_mean_but_shown_per_site()
 
 
 def test_an_update_for_another_round_is_discarded_as_the_aggregator_does():
-    summary = FederationSummary(num_rounds=2)
+    summary = FederationSummary(num_rounds=2, metric_modes=MODES)
     summary.add_contribution("site-1", 0, {KEY: 0.5}, current_round=0)
     summary.close_round(0)
     assert not summary.add_contribution("site-2", 0, {KEY: 0.1}, current_round=1)  # late

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.event_type import EventType
@@ -17,14 +18,16 @@ from nvflare.app_common.abstract.model import make_model_learnable, model_learna
 from nvflare.app_common.aggregators.intime_accumulate_model_aggregator import InTimeAccumulateWeightedAggregator
 from nvflare.app_common.app_constant import AlgorithmConstants, AppConstants
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
+from torch.utils.data import DataLoader, TensorDataset
 
-from fl_lightning_mlflow.common.network import CifarNet
+from cifar10_example.lit_module import LitCifarNet
+from cifar10_example.network import CifarNet
+from conftest import cifar_engine
 from fl_lightning_mlflow.common.protocol import GLOBAL_PREFIX, SENT_COUNTS_META, VAL_SAMPLES_META
 from fl_lightning_mlflow.site.algorithms import SCAFFOLD_STATE_FILE, ScaffoldSite, frozen_parameters, proximal_term
 from fl_lightning_mlflow.site.engine import SiteContext
 from fl_lightning_mlflow.site.executor import SiteExecutor
-from fl_lightning_mlflow.site.lightning_engine import LightningEngine
-from fl_lightning_mlflow.site.lit_module import LitCifarNet
+from fl_lightning_mlflow.site.lightning_engine import FedProxTerm, LightningEngine
 from fl_lightning_mlflow.site.pt_engine import PTEngine
 from flctl import data_prep
 
@@ -84,7 +87,7 @@ def _one_torch_thread(one_thread):
 
 def make_engine(kind, data_root, workdir, **args):
     sink = Sink()
-    engine = ENGINES[kind](data_root=str(data_root), batch_size=BATCH, lr=LR, log_every_n_steps=5, **args)
+    engine = cifar_engine(kind, data_root, batch_size=BATCH, lr=LR, log_every_n_steps=5, **args)
     engine.setup(SiteContext(site="site-1", workdir=workdir, threads=1, send=sink, writer=sink))
     return engine, sink
 
@@ -109,33 +112,84 @@ def controls(value: float, seed: int = 0) -> dict:
 
 
 # ----- FedProx ---------------------------------------------------------------------------------
-def test_the_proximal_term_is_zero_at_the_global_weights_and_grows_with_distance():
-    module = LitCifarNet(fedprox_mu=0.1)
-    start = {k: v.clone() for k, v in module.net.state_dict().items()}
-    module.set_global_weights({k: v.numpy() for k, v in start.items()})
-    assert module.proximal_loss().item() == 0.0
+class Grads(pl.Callback):
+    """The module's gradients as they stand at its place among the Trainer's callbacks."""
 
-    direction = {name: torch.randn_like(p) for name, p in module.net.named_parameters()}
+    def __init__(self):
+        self.grads = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+
+
+def one_step(module, callbacks) -> pl.Trainer:
+    """One real Lightning optimizer step of the module on a small batch, with these callbacks."""
+    torch.manual_seed(0)  # the same batch every time
+    batch = DataLoader(TensorDataset(torch.rand(8, 3, 32, 32), torch.arange(8)), batch_size=8)
+    quiet = dict(enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", devices=1, logger=False, callbacks=callbacks, **quiet)
+    trainer.fit(module, train_dataloaders=batch)
+    return trainer
+
+
+def test_the_proximal_term_is_zero_at_the_global_weights_and_grows_with_distance():
+    mu = 0.1
+    module = LitCifarNet(lr=LR, momentum=0.9)  # a LightningModule that knows nothing of FedProx
+    assert "fedprox_mu" not in module.hparams and set(module.state_dict()) == set(CifarNet().state_dict())
+    start = {k: v.clone() for k, v in module.state_dict().items()}
+    torch.manual_seed(1)
+    direction = {name: torch.randn_like(p) for name, p in module.named_parameters()}
     squared_norm = sum(float(torch.sum(d**2)) for d in direction.values())
     terms = []
-    for eps in (0.01, 0.02, 0.04):
-        with torch.no_grad():
-            for name, p in module.net.named_parameters():
+    for eps in (0.0, 0.01, 0.02, 0.04):
+        with torch.no_grad():  # the local model at eps along the direction from the global one
+            for name, p in module.named_parameters():
                 p.copy_(start[name] + eps * direction[name])
-        terms.append(module.proximal_loss().item())
-        assert terms[-1] == pytest.approx(0.1 / 2 * eps**2 * squared_norm, rel=1e-3)  # mu/2 * ||w - w_g||^2
-    assert terms[0] < terms[1] < terms[2] and terms[2] / terms[1] == pytest.approx(4, rel=1e-3)
+        at = {name: p.detach().clone() for name, p in module.named_parameters()}
+        before, after = Grads(), Grads()
+        prox = FedProxTerm(module, numpy_weights_of(start), mu)  # as LightningEngine.fit makes it per task
+        trainer = one_step(module, [before, prox, after])
+        terms.append(float(trainer.callback_metrics["train_prox_loss_step"]))
+        assert float(trainer.callback_metrics["train_prox_loss_epoch"]) == pytest.approx(terms[-1])
+        # Its gradient, mu * (w - w_global), is added to every parameter's before the optimizer step.
+        assert set(before.grads) == set(after.grads) == set(direction)
+        for name in direction:
+            pull = mu * (at[name] - start[name])  # = mu * eps * direction, up to float rounding
+            torch.testing.assert_close(after.grads[name], before.grads[name] + pull)  # float32's tolerance
+            torch.testing.assert_close(pull, mu * eps * direction[name], rtol=1e-3, atol=1e-6)
+            # The optimizer stepped with the corrected gradient (SGD's first step with momentum: w - lr * g).
+            torch.testing.assert_close(module.state_dict()[name], at[name] - LR * after.grads[name])
+            assert torch.equal(prox.global_params[name], start[name])  # the global copy stays as it was
+        # The logged term: mu/2 * ||w - w_global||^2.
+        assert terms[-1] == pytest.approx(mu / 2 * eps**2 * squared_norm, rel=1e-3)
+    assert terms[0] == 0.0  # at the global weights, the term and its gradient vanish
+    assert terms[1] < terms[2] < terms[3] and terms[3] / terms[2] == pytest.approx(4, rel=1e-3)
 
-    # Its gradient pulls each weight back towards the global one: mu * (w - w_global).
-    module.net.zero_grad()
-    module.proximal_loss().backward()
-    for name, p in module.net.named_parameters():
-        torch.testing.assert_close(p.grad, 0.1 * (p.detach() - start[name]), rtol=1e-4, atol=1e-7)
 
-    module.set_global_weights(None)  # the task is over: no global copy is kept
-    with pytest.raises(RuntimeError, match="no global weights"):
-        module.proximal_loss()
-    assert "fedprox_mu" not in module.hparams and set(module.state_dict()) == {f"net.{k}" for k in start}
+def test_the_fedprox_term_leaves_frozen_parameters_alone():
+    module = LitCifarNet(lr=LR)
+    module.classifier[3].weight.requires_grad_(False)
+    start = {k: v.clone() for k, v in module.state_dict().items()}
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.05)
+    at = {name: p.detach().clone() for name, p in module.named_parameters()}
+    before, after = Grads(), Grads()
+    prox = FedProxTerm(module, numpy_weights_of(start), 1.0)
+    assert "classifier.3.weight" not in prox.global_params and "classifier.3.bias" in prox.global_params
+    trainer = one_step(module, [before, prox, after])
+    assert "classifier.3.weight" not in after.grads  # no gradient made up for a frozen parameter
+    assert torch.equal(module.classifier[3].weight, at["classifier.3.weight"])  # not moved by the step
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    assert float(trainer.callback_metrics["train_prox_loss_step"]) == pytest.approx(0.5 * 0.05**2 * trainable, rel=1e-3)
+    for name in prox.global_params:
+        pull = at[name] - start[name]  # mu = 1
+        torch.testing.assert_close(after.grads[name], before.grads[name] + pull)
+
+
+def numpy_weights_of(state: dict) -> dict:
+    """Global weights as a task brings them: numpy arrays by state_dict name."""
+    return {k: v.numpy() for k, v in state.items()}
 
 
 def test_the_proximal_term_covers_trainable_parameters_only():
@@ -171,11 +225,17 @@ def test_fedprox_mu_0_is_plain_training_and_mu_keeps_the_model_near_the_global_o
 
 @pytest.mark.parametrize("kind", ENGINES)
 @pytest.mark.parametrize("mu", [-0.1, "0.01", True, float("nan"), float("inf"), None])
-def test_a_bad_fedprox_mu_is_refused_in_one_line(kind, mu):
-    cls = ENGINES[kind]
+def test_a_bad_fedprox_mu_is_refused_in_one_line(kind, mu, tmp_path):
+    # An engine argument (SiteEngine's), whatever the module: refused where the engine is configured.
     with pytest.raises(ValueError) as refused:
-        cls(fedprox_mu=mu)
-    assert str(refused.value) == f"{cls.__name__}: fedprox_mu must be a number >= 0 (0: FedAvg), got {mu!r}"
+        cifar_engine(kind, tmp_path, fedprox_mu=mu)
+    assert str(refused.value) == f"{ENGINES[kind].__name__}: fedprox_mu must be a number >= 0 (0: FedAvg), got {mu!r}"
+
+
+@pytest.mark.parametrize("kind", ENGINES)
+def test_a_fedprox_mu_of_zero_or_more_is_taken(kind, tmp_path):
+    for mu in (0, 0.0, 0.01, 5):
+        assert cifar_engine(kind, tmp_path, fedprox_mu=mu).args.fedprox_mu == mu
 
 
 # ----- SCAFFOLD --------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import copy
 import importlib
 import json
 import sys
+import sysconfig
 from importlib import metadata
 from pathlib import Path
 
@@ -62,20 +63,33 @@ def import_mlflow_pytorch():
     return importlib.import_module("mlflow.pytorch")
 
 
-def code_path(cls) -> str:
+def installed(path: Path) -> bool:
+    """Whether path is inside an installed library's folder (site-packages), not the user's code."""
+    roots = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")}
+    return any(Path(path).resolve().is_relative_to(Path(root).resolve()) for root in roots)
+
+
+def code_path(cls) -> str | None:
     """What code_paths ships for a model class: its whole top-level package (or its module file),
-    so the pickled class imports where the model loads, without the user's code installed there."""
+    so the pickled class imports where the model loads, without the user's code installed there;
+    None for a class of an installed library (torchvision's, torch's own): a requirement instead."""
     top = sys.modules[cls.__module__.partition(".")[0]]
     path = Path(top.__file__)
-    return str(path.parent if path.name == "__init__.py" else path)
+    path = path.parent if path.name == "__init__.py" else path
+    return None if installed(path) else str(path)
 
 
 def requirements(net) -> list:
-    """What loading the model needs: torch, and Lightning for a LightningModule."""
+    """What loading the model needs: torch, Lightning for a LightningModule, and the installed
+    library the model's class comes from (when it is not shipped as code)."""
     needed = [f"torch=={metadata.version('torch')}"]
     if any(c.__module__.startswith(("pytorch_lightning", "lightning")) for c in type(net).__mro__):
         needed.append(f"pytorch-lightning=={metadata.version('pytorch-lightning')}")
-    return needed
+    top = type(net).__module__.partition(".")[0]
+    if code_path(type(net)) is None and top != "torch":
+        for dist in metadata.packages_distributions().get(top, []):
+            needed.append(f"{dist}=={metadata.version(dist)}")
+    return sorted(set(needed), key=needed.index)
 
 
 MODEL_NAME = "global_model"  # every global model of a job is a LoggedModel of this name, its step the round
@@ -167,7 +181,7 @@ class ModelLogger:
                 model_id=pending.model_id,
                 run_id=parent_id,  # no fluent run: the parent run stays RUNNING
                 step=int(step),
-                code_paths=[code],
+                code_paths=[code] if code else None,
                 input_example=self.example(),  # MLflow infers the signature from it
                 pip_requirements=requirements(net),
                 serialization_format="pickle",  # the module object: any batch size, code_paths bring the class
