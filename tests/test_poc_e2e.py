@@ -24,6 +24,7 @@ from flctl import nvflare_cli
 from flctl.job_store import job_status
 from flctl.mlflow_server import MlflowServer, free_port
 from flctl.poc import Poc
+from user_job import KEY_METRIC, NAME, write_user_job
 
 pytestmark = pytest.mark.slow
 CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
@@ -114,6 +115,14 @@ def test_poc_cycle_tracks_like_the_simulator_with_credentials_on_the_server_only
             time.sleep(0.5)
         assert waiter.returncode == 0, waiter.stdout.read()
         script("poc.sh", *poc, "download")
+        # A team's own module and DataModule (tests/user_job.py), by configuration alone, on the same
+        # POC system: its data of another shape, its lower-is-better key metric.
+        first_job = (workspace / "last_job_id").read_text().strip()
+        user = write_user_job(tmp_path / "acme-job", tmp_path / "scans")
+        user_poc = ["--workspace", workspace, "--tracking-uri", uri, "--credentials", server_dir / "credentials"]
+        user_poc += ["--job", user, "--rounds", 3]
+        script("poc.sh", *user_poc, "submit")
+        script("poc.sh", *user_poc, "wait")
         script("poc.sh", *poc, "stop")
         sampler.done.set()
         sampler.join()  # its last sample is in before anyone reads it
@@ -126,7 +135,7 @@ def test_poc_cycle_tracks_like_the_simulator_with_credentials_on_the_server_only
         sources = sorted(p.relative_to(package) for p in package.rglob("*.py"))
         for site in ("site-1", "site-2"):
             (shipped,) = (workspace / "poc/example_project/prod_00" / site).glob(
-                f"*/app_{site}/custom/fl_lightning_mlflow"
+                f"{first_job}/app_{site}/custom/fl_lightning_mlflow"
             )
             assert sorted(p.relative_to(shipped) for p in shipped.rglob("*.py")) == sources, site
             assert all((shipped / f).read_bytes() == (package / f).read_bytes() for f in sources), site
@@ -171,6 +180,16 @@ def test_poc_cycle_tracks_like_the_simulator_with_credentials_on_the_server_only
         sim_client, (sim_parent,), sim_children = tracked_runs(finished_run[0])
         assert summary(client, parent, children) == summary(sim_client, sim_parent, sim_children)
         assert client.search_model_versions("name='hello-lightning-mlflow-global'")
+
+        # The team's job: their names as logged, the champion the round with the lowest key metric.
+        user_runs = client.search_runs([client.get_experiment_by_name(NAME).experiment_id])
+        (user_parent,) = [r for r in user_runs if r.data.tags.get("role") == "federation"]
+        for run in [r for r in user_runs if r.data.tags.get("role") == "site"]:
+            assert {"train/mse", "val/mse", "val/mae", f"global_{KEY_METRIC}"} <= set(run.data.metrics)
+        history = {m.step: m.value for m in client.get_metric_history(user_parent.info.run_id, f"global_{KEY_METRIC}")}
+        assert sorted(history) == [0, 1, 2]
+        champion = client.get_model_version_by_alias(f"{NAME}-global", "champion")
+        assert champion.tags["round"] == str(min(history, key=history.get))
     finally:
         subprocess.run(
             ["bash", str(REPO / "scripts/poc.sh"), "--workspace", str(workspace), "stop"],

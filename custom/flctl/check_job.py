@@ -161,6 +161,8 @@ def _check_job(job: Path, sites: int | None, data_root: str | None, check_data: 
     for name in ("server", "client"):
         path = job / CONFIGS[name]
         names = variables(configs[name])
+        if name == "client" and data_root and "data_root" in names:  # --data-root: the variable's value
+            names["data_root"] = data_root
         for where, cid, raw in components(configs[name]):
             spec = resolve(raw, names)
             built[(name, cid)] = (build(spec, raw, f"{path}: {where} (id {cid!r})", path, problems), spec, raw)
@@ -193,13 +195,8 @@ def _check_job(job: Path, sites: int | None, data_root: str | None, check_data: 
         return problems, f"{len(built)} components"
     cid, engine = engines[0]
     client_path = job / CONFIGS["client"]
-    if data_root:
-        engine.args.datamodule.setdefault("args", {})["data_root"] = data_root
-    root = (
-        (engine.args.datamodule.get("args") or {}).get("data_root")
-        if isinstance(engine.args.datamodule, dict)
-        else None
-    )
+    dm_args = (engine.args.datamodule.get("args") or {}) if isinstance(engine.args.datamodule, dict) else {}
+    root = dm_args.get("data_root") or data_root
     if sites is None:  # as many as the split was made for; without a split, as many as the job needs
         sites = split_sites([root] if root else []) or max(min_clients)
     checked, reported, validated = 0, None, False

@@ -41,7 +41,7 @@ from flctl.job_store import ABORTED, end_zombie_jobs
 from flctl.mlflow_server import CREDENTIAL_VARS, read_env_file
 from flctl.outcome import MODEL_FILE, read_stats
 from flctl.recover import recover_tracking
-from flctl.simulate import ensure_data, job_settings
+from flctl.simulate import ensure_data, job_settings, uses_cifar_data
 
 COMMANDS = ("prepare", "start", "submit", "wait", "download", "stop", "clean", "status", "run")
 CONTROL_FILES = ("daemon_pid.fl", "pid.fl", "shutdown.fl", "restart.fl")
@@ -87,6 +87,8 @@ class Poc:
         self.workspace = Path(workspace).expanduser().resolve()
         self.sites, self.job_src, self.rounds, self.epochs = sites, resolve_job(job), rounds, epochs
         self.offline, self.data_root = offline, default_data_root(data_root, offline)
+        # A job that is not the CIFAR-10 example's keeps its own data_root unless one is given.
+        self.given_data_root = Path(data_root).expanduser().resolve() if data_root else None
         self.tracking_uri, self.credentials, self.timeout, self.job_id = tracking_uri, credentials, timeout, job_id
         self.say, self.recover, self.experiment = say, recover, experiment
         self.poc_ws = self.workspace / "poc"
@@ -203,17 +205,19 @@ class Poc:
         refuse_userinfo(self.tracking_uri)
         if not self.pids():
             raise CliError("the POC system is not running (run: poc start)")
-        if split_sites([self.data_root]) != self.sites:
+        # The CIFAR-10 split is ours to make for the CIFAR-10 example's DataModule only; any other
+        # DataModule prepares its own data (prepare_data), in its own data_root unless one is given.
+        cifar = uses_cifar_data(self.job_src)
+        data_root = self.data_root if cifar else self.given_data_root
+        if cifar and split_sites([self.data_root]) != self.sites:
             ensure_data(self.data_root, self.sites, offline=self.offline, say=self.say)
-        settings = job_settings(
-            self.sites, self.rounds, self.epochs, self.data_root, self.tracking_uri, self.experiment
-        )
+        settings = job_settings(self.sites, self.rounds, self.epochs, data_root, self.tracking_uri, self.experiment)
         try:
             job = configure_job(self.job_src, self.workspace / "job" / self.job_src.name, settings)
         except JobConfigError as e:
             raise CliError(f"could not configure the job: {e}") from None
         verdict = f"the job has the problem(s) above; nothing was submitted (job copy: {job})"
-        check_or_fail(job, self.sites, str(self.data_root), verdict=verdict)
+        check_or_fail(job, self.sites, str(data_root) if data_root else None, verdict=verdict)
         result = self.nvflare(["job", "submit", "-j", job, "--startup-kit", self.kit], "submit.log", json_out=True)
         answer = nvflare_cli.parse_json(result.stdout)
         self.job_id = (answer.get("data") or {}).get("job_id")
