@@ -233,9 +233,11 @@ def test_plain_pytorch_job_lands_in_the_same_run_tree(offline_data, tmp_path):
 
 
 def test_the_shared_run_is_of_a_job_made_from_the_template_shipping_only_the_package(template_job, finished_run):
-    # Every end-to-end test above reads this run: the template's job trains and tracks.
-    assert sorted(p.name for p in (template_job / "app/custom").iterdir()) == ["fl_lightning_mlflow"]
+    # Every end-to-end test above reads this run: the template's job trains and tracks, with the
+    # package and the code of the model it names (the CIFAR-10 example's, the template's default).
+    assert sorted(p.name for p in (template_job / "app/custom").iterdir()) == ["cifar10_example", "fl_lightning_mlflow"]
     assert (template_job / "app/custom/fl_lightning_mlflow/site/executor.py").is_file()
+    assert (template_job / "app/custom/cifar10_example/lit_module.py").is_file()
     server, _ = finished_run
     _, (parent,), children = tracked_runs(server)
     assert parent.info.status == "FINISHED" and sorted(children) == ["site-1", "site-2"]
