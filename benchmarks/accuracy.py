@@ -147,12 +147,12 @@ def train_central(data_root, sites, epochs, lr, seed, uri, purpose) -> dict:
     val_idx = np.concatenate([s["val"] for s in splits])
     pl.seed_everything(seed, verbose=False)
     model = LitCifarNet(lr=lr)
-    model.net.load_state_dict(CifarNet(init_seed=seed).state_dict())  # as the job's persistor starts
+    model.load_state_dict(CifarNet(init_seed=seed).state_dict())  # as the job's persistor starts
     started = time.perf_counter()
     loader = DataLoader(tensor_dataset(images[train_idx], labels[train_idx]), batch_size=32, shuffle=True)
     quiet_trainer(max_epochs=epochs).fit(model, loader)
     seconds = time.perf_counter() - started
-    net = model.net.eval()
+    net = model.eval()
     with torch.no_grad():
         val = tensor_dataset(images[val_idx], labels[val_idx])
         xs, ys = val.tensors

@@ -30,7 +30,7 @@ def main(argv) -> int:
     data = CifarDataModule(data_root, site, batch_size=32)
     data.load()
     model = LitCifarNet(lr=0.02)
-    model.net.load_state_dict(CifarNet(init_seed=0).state_dict())
+    model.load_state_dict(CifarNet(init_seed=0).state_dict())  # as the job's persistor starts
     trainer = pl.Trainer(
         max_epochs=rounds * epochs,
         check_val_every_n_epoch=epochs,
