@@ -41,6 +41,7 @@ PACKAGE = REPO / "custom" / "fl_lightning_mlflow"  # the job's own code: always 
 EXAMPLE = REPO / "custom" / "cifar10_example"
 
 DEFAULT_MODULE = "cifar10_example.lit_module.LitCifarNet"
+DEFAULT_SERVER_MODULE = "cifar10_example.network.CifarNet"  # LitCifarNet's weights, without Lightning
 DEFAULT_MODULE_ARGS = {"lr": "{lr}", "optimizer": "{optimizer}", "momentum": 0.9}
 DEFAULT_DATAMODULE = "cifar10_example.data.CifarDataModule"
 DEFAULT_DATAMODULE_ARGS = {"data_root": "{data_root}", "batch_size": "{batch_size}"}
@@ -64,6 +65,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=json_object,
         help='its constructor args, JSON; a value "{name}" takes the site\'s variable (lr, optimizer, ...) '
         f"(default: {json.dumps(DEFAULT_MODULE_ARGS)} for the default module, else {{}})",
+    )
+    p.add_argument(
+        "--server-module",
+        help="what the server builds as the initial global model: the module (the default for any module of "
+        "yours), or a plain torch network with the same weights, which keeps Lightning off the FL server "
+        f"(the default for the default module: {DEFAULT_SERVER_MODULE})",
     )
     p.add_argument(
         "--server-module-args",
@@ -299,6 +306,12 @@ def settings(args):
     return client, server
 
 
+def server_module(args) -> str:
+    if args.server_module:
+        return args.server_module
+    return DEFAULT_SERVER_MODULE if args.module == DEFAULT_MODULE else args.module
+
+
 def model_args(args, client_vars):
     default_module = args.module == DEFAULT_MODULE
     module_args = args.module_args
@@ -355,7 +368,7 @@ def build_job(args, code: list[tuple[Path, str]]):
     job.to_server(cse, id="cross_site_model_eval")
     initial_model = {
         "path": "fl_lightning_mlflow.server.initial_model.initial_model",
-        "args": {"module": nested(args.module, server_module_args), "seed": "{seed}"},
+        "args": {"module": nested(server_module(args), server_module_args), "seed": "{seed}"},
     }
     server_components = {
         "persistor": configured(PTFileModelPersistor, model=initial_model),
@@ -444,6 +457,7 @@ def main(argv=None) -> int:
     names = {p.name for p in paths}
     check_importable(args.module, names, "--module")
     check_importable(args.datamodule, names, "--datamodule")
+    check_importable(server_module(args), names, "--server-module")
     # Our classes are imported from the code that ships (their constructors' parameters are checked).
     for parent in reversed(dict.fromkeys(str(p.parent) for p in paths)):
         if parent not in sys.path:

@@ -161,14 +161,17 @@ def test_seeded_initial_global_model_is_reproducible():
     from cifar10_example.network import CifarNet
     from fl_lightning_mlflow.server.initial_model import initial_model, spec_of
 
-    module = {"path": "cifar10_example.lit_module.LitCifarNet", "config_type": "dict", "args": {}}
-    a, b = initial_model(module, seed=0).state_dict(), initial_model(module, seed=0).state_dict()
+    lit = {"path": "cifar10_example.lit_module.LitCifarNet", "config_type": "dict", "args": {}}
+    a, b = initial_model(lit, seed=0).state_dict(), initial_model(lit, seed=0).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    # The same weights as the plain network's seeded build: the Lightning and plain jobs start alike.
-    plain = CifarNet(init_seed=0).state_dict()
+    # The plain network's seeded build has the very weights of the LightningModule's: the CIFAR-10
+    # jobs' server builds it (no Lightning on the FL server) and the sites load them into LitCifarNet.
+    module = {"path": "cifar10_example.network.CifarNet", "config_type": "dict", "args": {}}
+    plain = initial_model(module, seed=0).state_dict()
     assert set(plain) == set(a) and all(torch.equal(a[k], plain[k]) for k in a)
-    assert not all(torch.equal(a[k], initial_model(module, seed=1).state_dict()[k]) for k in a)
-    assert spec_of(initial_model(module, seed=0)) == {"path": module["path"], "args": {}}
+    assert all(torch.equal(plain[k], v) for k, v in CifarNet(init_seed=0).state_dict().items())
+    assert not all(torch.equal(a[k], initial_model(lit, seed=1).state_dict()[k]) for k in a)
+    assert spec_of(initial_model(lit, seed=0)) == {"path": lit["path"], "args": {}}
     server = json.loads(CONFIGS[1].read_text())
     model = server["components"][0]["args"]["model"]
     assert model["path"] == "fl_lightning_mlflow.server.initial_model.initial_model"

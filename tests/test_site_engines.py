@@ -252,6 +252,15 @@ def test_the_datamodule_learns_its_site_and_the_module_is_any_lightning_module(o
         engine.setup(SiteContext(site="site-1", workdir=tmp_path))
 
 
+def test_trainer_arguments_pass_through_to_lightnings_trainer(offline_data, tmp_path):
+    engine = cifar_engine("lightning", offline_data, trainer={"limit_train_batches": 3, "gradient_clip_val": 0.5})
+    engine.setup(SiteContext(site="site-1", workdir=tmp_path, threads=1))
+    fit = engine.fit(global_weights(0), 0, None)
+    assert fit.steps == 3 and fit.samples == engine.train_samples  # the Trainer stopped after 3 batches
+    trainer = engine._trainer(None, max_epochs=1)
+    assert trainer.gradient_clip_val == 0.5 and trainer.max_epochs == 1
+
+
 def test_weights_of_another_model_are_refused_in_one_line(offline_data, tmp_path):
     engine, _ = make_engine("lightning", offline_data, tmp_path)
     weights = {**global_weights(0), "extra.weight": np.zeros(3, dtype=np.float32)}
