@@ -79,6 +79,70 @@ def test_hyperparameters_are_flattened_sent_once_and_chunked():
     assert [len(c) for c in chunks] == [MAX_PARAMS_PER_RECORD, MAX_PARAMS_PER_RECORD, 50]
 
 
+def test_hyperparameters_have_the_keys_lightnings_mlflow_logger_gives_them(tmp_path):
+    """Dataclasses, namespaces, nested mappings and lists of mappings: the same keys and values as
+    pytorch_lightning's own MLFlowLogger writes into a real MLflow store."""
+    from argparse import Namespace
+    from dataclasses import dataclass
+
+    from mlflow.tracking import MlflowClient
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    @dataclass
+    class Inner:
+        c: int = 1
+        d: str = "x"
+
+    @dataclass
+    class Outer:
+        a: Inner
+        b: int = 3
+
+    params = {"params": Outer(Inner()), "ns": Namespace(k=2, deep={"q": 0.5}), "dl": [{"a": 1}, {"b": 2}], "l": [1, 2]}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    lightning = MLFlowLogger(experiment_name="flatten", tracking_uri=uri)
+    lightning.log_hyperparams(params)
+    theirs = MlflowClient(uri).get_run(lightning.run_id).data.params
+    rec = Recorder()
+    FlareLogger(rec).log_hyperparams(params)
+    (ours,) = [values for kind, values, _, _ in rec.records if kind == PARAMS]
+    assert ours == theirs
+    assert {"params/a/c", "params/a/d", "params/b", "ns/k", "ns/deep/q", "dl/0/a", "dl/1/b", "l"} == set(ours)
+
+
+def test_a_metric_name_mlflow_refuses_is_cleaned_on_the_site_with_one_warning(caplog):
+    from fl_lightning_mlflow.common.protocol import check_key
+    from fl_lightning_mlflow.site.flare_logger import SentCounter
+
+    rec = Recorder()
+    log = FlareLogger(rec)
+    with caplog.at_level(logging.WARNING, logger="fl_lightning_mlflow.site.flare_logger"):
+        for step in range(3):
+            log.log_metrics({"acc@top1": 0.5, "val/../up": 1.0, "x" * 300: 2.0, "fine/name": 3.0}, step=step)
+    names = {key for _, values, _, _ in rec.records for key in values}
+    assert names == {"acctop1", "val/up", "x" * 250, "fine/name"}  # as Lightning's MLFlowLogger drops characters
+    assert all(check_key(n) is None for n in names)
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 3  # one per name, not per point
+    assert any("metric name 'acc@top1' is one MLflow refuses" in w and "sent as 'acctop1'" in w for w in warned)
+
+    class Writer:  # an mlflow-like writer (FLARE's MLflowWriter's calls), as PTEngine logs through it
+        def __init__(self):
+            self.calls = []
+
+        def log_metric(self, key, value, step=None):
+            self.calls.append(key)
+
+        def log_metrics(self, metrics, step=None):
+            self.calls.extend(metrics)
+
+    writer = Writer()
+    counted = SentCounter().writer(writer)
+    counted.log_metric("loss#1", 1.0)
+    counted.log_metrics({"top 1%": 1.0, "ok": 2.0})
+    assert writer.calls == ["loss1", "top 1", "ok"]
+
+
 def test_real_trainers_over_two_rounds_give_strictly_increasing_steps(offline_data):
     rec = Recorder()
     log = FlareLogger(rec)

@@ -189,3 +189,24 @@ def test_a_host_the_server_does_not_accept_is_named_not_blamed_on_the_credential
     verdict, message = check_server(answering)
     assert verdict == "refused" and "MLFLOW_TRACKING_USERNAME" not in message
     assert message.endswith("Stopping the job before training: nothing could be tracked")
+
+
+def test_the_tracker_takes_flares_receiver_arguments_and_refuses_bad_ones_in_one_line(caplog):
+    """What configs written from FLARE's own templates pass to MLflowReceiver builds here too."""
+    import logging
+
+    from fl_lightning_mlflow.server.tracker import FederatedMLflowTracker
+
+    with caplog.at_level(logging.INFO):
+        tracker = FederatedMLflowTracker(artifact_location="artifacts", buffer_flush_time=1, metric_modes={"x": "min"})
+    assert tracker.requested_artifacts == "artifacts"
+    assert any("buffer_flush_time=1 (MLflowReceiver's flush interval) has nothing to set" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
+    for args, message in (
+        ({"artifact_location": ""}, "artifact_location must be a path or URI, got ''"),
+        ({"buffer_flush_time": "soon"}, "buffer_flush_time must be a number of seconds, got 'soon'"),
+        ({"metric_modes": {"global_val_loss": "lower"}}, 'metric_modes must map metric names to "max" or "min"'),
+    ):
+        with pytest.raises(TrackingConfigError) as refused:
+            FederatedMLflowTracker(**args)
+        assert str(refused.value).startswith(message)

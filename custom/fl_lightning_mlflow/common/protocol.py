@@ -56,6 +56,22 @@ BEST_MODEL_STATS_KEY = "best_model"  # {"round", "key_metric", "value", "mode"}:
 PARENT_RUN_KEY = "__parent__"  # the federation's run in the stats file's run_ids; sites are keyed by name
 
 
+NOT_IN_KEYS = re.compile(r"[^\w\-. /:]+")  # the characters KEY_PATTERN does not take
+
+
+@functools.lru_cache(maxsize=10_000)
+def clean_key(key: str) -> str:
+    """A name MLflow accepts, made from one it would refuse, as Lightning's MLFlowLogger does it on
+    the logging side (characters MLflow refuses dropped), and further: no ".." segment, no leading
+    "/", at most MAX_KEY_LENGTH characters; "metric" if nothing is left. A good name is returned as is."""
+    if check_key(key) is None:
+        return key
+    text = NOT_IN_KEYS.sub("", str(key))
+    text = "/".join(part for part in text.split("/") if part != "..").lstrip("/")
+    text = text[:MAX_KEY_LENGTH].rstrip("/") or "metric"
+    return text if check_key(text) is None else "metric"
+
+
 @functools.lru_cache(maxsize=10_000)  # every point of a series repeats its name: checked once
 def check_key(key) -> str | None:
     """Why MLflow would refuse this metric, param or tag name, or None (names are dict keys:
@@ -86,6 +102,9 @@ DELIVERY_METRIC_PREFIX = "delivery/"  # the parent run's metrics: delivery/<site
 # tag is DATASETS and whose value is {context: JSON text of DATASET_FIELDS}. Tags, not params: a
 # stock MLflowReceiver that gets one by mistake only sets two tags. Never samples, only counts.
 DATASETS = "datasets"
+# The project's own records (a DATASETS description) are marked by this kwarg, which no MLflowWriter
+# call and no FlareLogger record sets: a user's param or tag named "datasets" is stored as any other.
+RECORD_KWARG = "fl_lightning_mlflow_record"
 DATASET_CONTEXTS = ("training", "validation")  # MLflow's dataset input tag mlflow.data.context
 DATASET_FIELDS = ("name", "digest", "num_samples", "label_histogram", "source")
 MAX_DATASET_DIGEST_LENGTH = 36  # MLflow's datasets.digest column

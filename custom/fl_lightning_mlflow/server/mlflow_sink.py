@@ -46,12 +46,14 @@ class MLflowSink:
         promote_params=(),
         logger=None,
         resume: dict | None = None,
+        requested_artifacts: bool = False,
         **queue_args,
     ):
         """queue_args: WriteQueue's max_memory_items, retry_initial, retry_max, sync_seconds.
         resume: recovery: the state.json of a journal in run_dir whose job is gone; the sink
         writes into that job's runs what its journal holds beyond the cursor."""
         self.experiment_name, self.models = experiment_name, models
+        self.requested_artifacts = requested_artifacts  # the job named artifact_location itself
         self.experiment_tags = {str(k): str(v) for k, v in (experiment_tags or {}).items()}
         self.run_tags, self.description = dict(run_tags or {}), description
         self.promote_params, self._promoted = set(promote_params), set()
@@ -233,6 +235,15 @@ class MLflowSink:
             exp = client.get_experiment_by_name(self.experiment_name)
             if exp:
                 exp_id = exp.experiment_id
+                if (
+                    self.requested_artifacts
+                    and artifacts
+                    and exp.artifact_location.rstrip("/") != artifacts.rstrip("/")
+                ):
+                    self.log.warning(
+                        f"MLflow: experiment {self.experiment_name!r} exists with artifact location "
+                        f"{exp.artifact_location}; artifact_location {artifacts} applies to a new experiment only"
+                    )
             else:
                 try:
                     exp_id = client.create_experiment(self.experiment_name, artifacts, tags=self.experiment_tags)
@@ -267,6 +278,7 @@ class MLflowSink:
             run_id = self._find_run(client, self.queue.experiment_id, tags)
             if run_id is None:
                 tags = {**self.run_tags, "mlflow.parentRunId": parent_id, JOB_UID_TAG: self.job_uid, **tags}
+                tags["job_id"] = self.job_id  # on every run, as FLARE's receiver tags them
                 run_id = client.create_run(self.queue.experiment_id, run_name=site, tags=tags).info.run_id
             self.queue.run_ids[site] = run_id
             self.save_state()

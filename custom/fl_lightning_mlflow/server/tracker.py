@@ -35,6 +35,7 @@ from fl_lightning_mlflow.common.protocol import (
     BEST_MODEL_STATS_KEY,
     DATASETS,
     DELIVERY_STATS_KEY,
+    RECORD_KWARG,
     RECORDS_KWARG,
     REGISTERED_MODEL_STATS_KEY,
     SENT_COUNTS_META,
@@ -57,7 +58,9 @@ TEXT_ITEMS = {AnalyticsDataType.PARAMETERS: "param", AnalyticsDataType.PARAMETER
 
 
 class FederatedMLflowTracker(MLflowReceiver):
-    def __init__(self, tracking_uri: str | None = None, kw_args: dict | None = None, events: list | None = None,
+    def __init__(self, tracking_uri: str | None = None, kw_args: dict | None = None,
+                 artifact_location: str | None = None, events: list | None = None,
+                 buffer_flush_time: float | None = None,
                  registered_model_name: str = "", persistor_id: str = "persistor", metric_modes: dict | None = None,
                  fl_params: dict | None = None, promote_params: list | None = None, description: str = "",
                  max_memory_items: int = 200_000, retry_initial: float = 0.5, retry_max: float = 15.0,
@@ -71,6 +74,12 @@ class FederatedMLflowTracker(MLflowReceiver):
             PASSWORD (or _TOKEN) in the server's environment.
         kw_args: as MLflowReceiver: experiment_name, run_name (the parent run; default: the job
             name), experiment_tags, run_tags (on every run).
+        artifact_location: as MLflowReceiver: where a new experiment keeps its artifacts, a URI or
+            a path (a relative path is under the job's run folder, as FLARE's receiver has it);
+            None: beside the SQLite store, or the tracking server's default. An existing
+            experiment keeps its own (said in one line when it differs).
+        buffer_flush_time: MLflowReceiver's flush interval, accepted so its configs build; this
+            tracker has none to set (its queue writes as fast as MLflow takes it), which it says once.
         registered_model_name: Model Registry name for the best global model ("" = experiment name).
         persistor_id: the model persistor whose model (the user's module, server.initial_model) the
             logged global models are copies of.
@@ -94,6 +103,16 @@ class FederatedMLflowTracker(MLflowReceiver):
             always logged, and registered with the aliases champion and final.
         """
         super().__init__(tracking_uri=tracking_uri or None, kw_args=kw_args, events=events)
+        if artifact_location is not None and (not isinstance(artifact_location, str) or not artifact_location):
+            raise TrackingConfigError(f"artifact_location must be a path or URI, got {artifact_location!r}")
+        self.requested_artifacts = artifact_location
+        if buffer_flush_time is not None:
+            if not isinstance(buffer_flush_time, (int, float)) or isinstance(buffer_flush_time, bool):
+                raise TrackingConfigError(f"buffer_flush_time must be a number of seconds, got {buffer_flush_time!r}")
+            self.logger.info(
+                f"buffer_flush_time={buffer_flush_time} (MLflowReceiver's flush interval) has nothing to set here: "
+                "this tracker's write queue sends what it holds as soon as MLflow has taken the last request"
+            )
         self.experiment_name = self.kw_args.get("experiment_name") or "hello-lightning-mlflow"
         if tracking_uri:
             check_tracking_uri(tracking_uri)
@@ -223,6 +242,10 @@ class FederatedMLflowTracker(MLflowReceiver):
         uri = self.tracking_uri or f"sqlite:///{(result_root / 'mlflow.db').resolve()}"
         # With a database store, keep artifacts beside it; a tracking server has its own store.
         artifacts = None if uri.startswith("http") else (result_root / "mlflow_artifacts").resolve().as_uri()
+        if self.requested_artifacts:  # FLARE's receiver argument: a URI, or a path (relative: the job's run folder)
+            given = self.requested_artifacts
+            path = Path(workspace.get_run_dir(job_id)) / given if not Path(given).is_absolute() else Path(given)
+            artifacts = given if "://" in given else path.resolve().as_uri()
         selector = engine.get_component(self.model_selector_id)
         modes = dict(self.metric_modes)
         if isinstance(selector, IntimeModelSelector):  # weigh the round means exactly as it does
@@ -240,7 +263,8 @@ class FederatedMLflowTracker(MLflowReceiver):
         self.sink = MLflowSink(
             uri, workspace.get_run_dir(job_id), self.experiment_name, self.models,
             experiment_tags=self.kw_args.get("experiment_tags"), run_tags=self.kw_args.get("run_tags"),
-            description=self.description, promote_params=self.promote_params, logger=self.logger, **self.queue_args,
+            description=self.description, promote_params=self.promote_params, logger=self.logger,
+            requested_artifacts=bool(self.requested_artifacts), **self.queue_args,
         )  # fmt: skip
         sites = sorted(c.name for c in engine.get_clients())
         self.sink.start(job_name, job_id, sites, {"job_name": meta.get("name") or job_name}, self.fl_params, artifacts)
@@ -285,7 +309,7 @@ class FederatedMLflowTracker(MLflowReceiver):
         self.sink.add_site(site)
         kind = data.data_type
         values = data.value if isinstance(data.value, dict) else {data.tag: data.value}
-        if data.tag == DATASETS and kind in TEXT_ITEMS:  # before tags: a site's dataset inputs
+        if (data.kwargs or {}).get(RECORD_KWARG) == DATASETS and kind in TEXT_ITEMS:  # a site's dataset inputs
             self.sink.datasets(site, self.records.datasets(site, data.value))
         elif kind in METRIC_TYPES:
             records = (data.kwargs or {}).get(RECORDS_KWARG)  # FlareLogger's batch: [[step, round, values], ...]

@@ -54,6 +54,7 @@ from fl_lightning_mlflow.common.protocol import (
     GLOBAL_PREFIX,
     METRICS_BATCH,
     PARAMS,
+    RECORD_KWARG,
     RECORDS_KWARG,
     SENT_COUNTS_META,
     VAL_SAMPLES_META,
@@ -297,6 +298,8 @@ class SiteExecutor(Executor):
         kwargs = {"global_step": step} if step is not None else {}
         if fl_round is not None:
             kwargs["round"] = fl_round
+        if kind == DATASETS:  # the project's own record: marked so no user param or tag is taken for it
+            kwargs[RECORD_KWARG] = DATASETS
         if kind == METRICS_BATCH:  # the records ride in kwargs; value is the last one, for plain receivers
             kwargs[RECORDS_KWARG] = values
             values = values[-1][2]

@@ -8,20 +8,31 @@ Keeping FLARE out of this class keeps its step arithmetic testable on its own.
 Steps: Lightning restarts its step count with every Trainer and every validate() call.
 MLflow needs one axis per metric that only moves forward, so the logger adds the number
 of training batches run in earlier rounds (`step_offset`) and, should a key still repeat
-a step, moves it one past its last one. Hyperparameters go out once each, flattened, as
-params, in chunks MLflow accepts.
+a step, moves it one past its last one. Hyperparameters go out once each, flattened as
+Lightning's MLFlowLogger flattens them, as params, in chunks MLflow accepts. A metric name MLflow
+would refuse is cleaned here, on the site, with a warning in the site's log (mlflow_name).
 """
 
 import collections
+import logging
 import threading
 import time
-from argparse import Namespace
 from collections.abc import Callable, Mapping
 
+# Lightning's own hyperparameter flattening, which its MLFlowLogger uses: the same keys.
+from lightning_fabric.utilities.logger import _convert_params, _flatten_dict
 from pytorch_lightning.loggers.logger import Logger
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from fl_lightning_mlflow.common.protocol import MAX_PARAM_VALUE_LENGTH, METRICS, METRICS_BATCH, PARAMS, SENT_KINDS
+from fl_lightning_mlflow.common.protocol import (
+    MAX_PARAM_VALUE_LENGTH,
+    METRICS,
+    METRICS_BATCH,
+    PARAMS,
+    SENT_KINDS,
+    check_key,
+    clean_key,
+)
 from fl_lightning_mlflow.common.protocol import MAX_PARAMS_PER_BATCH as MAX_PARAMS_PER_RECORD
 
 __all__ = [
@@ -36,20 +47,29 @@ __all__ = [
 ]
 
 Sender = Callable[[str, dict, int | None, int | None], None]
+log = logging.getLogger(__name__)
 
 
-def flatten(params: Mapping, prefix: str = "") -> dict:
-    """{"a": {"b": 1}} -> {"a/b": "1"}; values as MLflow stores them (strings, bounded)."""
-    out = {}
-    for key, value in params.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Namespace):
-            value = vars(value)
-        if isinstance(value, Mapping):
-            out.update(flatten(value, f"{name}/"))
-        else:
-            out[name] = str(value)[:MAX_PARAM_VALUE_LENGTH]
-    return out
+def flatten(params) -> dict:
+    """Hyperparameters as Lightning's MLFlowLogger sends them, the same keys: nested mappings,
+    dataclasses, namespaces and lists of mappings flattened with "/" ({"a": {"b": 1}} -> "a/b",
+    {"dl": [{"a": 1}]} -> "dl/0/a"), by Lightning's own functions; values as MLflow stores them
+    (strings, cut to its limit)."""
+    return {k: str(v)[:MAX_PARAM_VALUE_LENGTH] for k, v in _flatten_dict(_convert_params(params)).items()}
+
+
+_warned_names: set = set()
+
+
+def mlflow_name(key: str) -> str:
+    """The metric's name as MLflow accepts it (common.protocol.clean_key), with one warning per
+    name in the site's log when it had to be changed: the person training sees why, where
+    Lightning's MLFlowLogger would have warned."""
+    name = clean_key(key)
+    if name != key and key not in _warned_names:
+        _warned_names.add(key)
+        log.warning(f"metric name {str(key)[:80]!r} is one MLflow refuses ({check_key(key)}); sent as {name[:80]!r}")
+    return name
 
 
 class FlareLogger(Logger):
@@ -97,7 +117,7 @@ class FlareLogger(Logger):
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        values = {f"{self.key_prefix}{k}": float(v) for k, v in metrics.items() if k != "epoch"}
+        values = {mlflow_name(f"{self.key_prefix}{k}"): float(v) for k, v in metrics.items() if k != "epoch"}
         if not values:
             return
         out = self.map_step(values, step)
@@ -127,8 +147,6 @@ class FlareLogger(Logger):
 
     @rank_zero_only
     def log_hyperparams(self, params, *args, **kwargs) -> None:
-        if isinstance(params, Namespace):
-            params = vars(params)
         new = {k: v for k, v in flatten(params).items() if self._sent_params.get(k) != v}
         self._sent_params.update(new)
         items = sorted(new.items())
@@ -194,11 +212,11 @@ class _CountingWriter:
         return getattr(self._writer, name)
 
     def log_metric(self, key, value, step=None):
-        self._writer.log_metric(key=key, value=value, step=step)
+        self._writer.log_metric(key=mlflow_name(key), value=value, step=step)
         self._counts["metric"] += 1
 
     def log_metrics(self, metrics, step=None):
-        self._writer.log_metrics(metrics, step=step)
+        self._writer.log_metrics({mlflow_name(k): v for k, v in metrics.items()}, step=step)
         self._counts["metric"] += len(metrics)
 
     def log_param(self, key, value):
