@@ -3,41 +3,31 @@
 Tasks (the names FLARE's ScatterAndGather and CrossSiteModelEval send; configurable):
   train         evaluate the received global weights on the site's validation data (returned
                 for server-side model selection), fit from them, and return the weight
-                difference weighted by the number of training samples seen.
-                SCAFFOLD: a train task that also brings global control variates, as FLARE's
-                ScatterAndGatherScaffold sends them (a DXO collection {MODEL_WEIGHTS,
-                SCAFFOLD_CTRL_GLOBAL}), is answered in kind: a collection {MODEL_WEIGHTS: the
-                weight difference, SCAFFOLD_CTRL_DIFF: the change of the site's controls}, each
-                a WEIGHT_DIFF, which InTimeAccumulateWeightedAggregator averages key by key. The
-                controls in the task DXO's meta (FLARE's FLModel-based Scaffold controller) are
-                answered in the result's meta. The meta this executor adds (below) is on the
-                outer DXO either way, where the model selector and the tracker read it.
+                difference weighted by the number of training samples seen; a SCAFFOLD task is
+                answered in the form it came in (site.task_forms). The meta this executor adds is
+                on the outer DXO, where the model selector and the tracker read it.
   validate      evaluate the weights it is given on the site's validation data.
-  submit_model  return the site's best local model so far.
+  submit_model  return the site's best local model so far (by key_metric, in key_metric_mode).
 
 The engine is a component of config_fed_client.json named by `engine_id` (FLARE's learner
 pattern, as ModelLearnerExecutor's learner_id): site.lightning_engine.LightningEngine or
-site.pt_engine.PTEngine. The executor owns everything FLARE: Shareable/DXO conversion, the abort
-signal, analytics events, the best-local-model file, the state file that outlives a restarted
-simulator worker, thread sizing (site.threads) and setup errors, which fail each task with one
-line rather than panicking the site.
+site.pt_engine.PTEngine. The executor owns the FLARE side of the tasks: Shareable/DXO conversion,
+the abort signal, the best-local-model file, thread sizing (site.threads) and setup errors, which
+fail each task with one line rather than panicking the site. What streams to the server (events,
+sent counts, the dataset description, system metrics, the state file) is site.telemetry's.
 
-Delivery accounting: everything the engine hands on for the server (the sender's records, the
-log writer's calls) is counted (site.flare_logger.SentCounter), and the train, validate and
-submit_model results carry the cumulative counts as DXO meta SENT_COUNTS_META, after flushing
-the engine's logger so nothing counted is still waiting on the site. The task result is the
+Delivery accounting: everything the engine hands on for the server is counted, and the train,
+validate and submit_model results carry the cumulative counts as DXO meta SENT_COUNTS_META, after
+flushing the engine so nothing counted is still waiting on the site. The task result is the
 reliable channel (events are best effort), so the server learns what was sent even when events
 were lost. Points sent after a site's last task result are in no result; the END_RUN log lines
 count them.
 """
 
-import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from nvflare.apis.analytix import AnalyticsDataType, LogWriterName
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.event_type import EventType
 from nvflare.apis.executor import Executor
@@ -45,26 +35,15 @@ from nvflare.apis.fl_constant import FLContextKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
-from nvflare.apis.utils.analytix_utils import create_analytic_dxo, send_analytic_dxo
-from nvflare.app_common.app_constant import AlgorithmConstants, AppConstants
+from nvflare.app_common.app_constant import AppConstants
 
-from fl_lightning_mlflow.common.protocol import (
-    ANALYTIC_EVENT_TYPE,
-    DATASETS,
-    GLOBAL_PREFIX,
-    METRICS_BATCH,
-    PARAMS,
-    RECORD_KWARG,
-    RECORDS_KWARG,
-    SENT_COUNTS_META,
-    VAL_SAMPLES_META,
-)
+from fl_lightning_mlflow.common.protocol import GLOBAL_PREFIX, SENT_COUNTS_META, VAL_SAMPLES_META
 from fl_lightning_mlflow.site.engine import SiteContext, SiteEngine, TaskAborted, is_int
-from fl_lightning_mlflow.site.flare_logger import SentCounter
-from fl_lightning_mlflow.site.system_sampler import SystemSampler, check_interval
+from fl_lightning_mlflow.site.system_sampler import check_interval
+from fl_lightning_mlflow.site.task_forms import TrainTask, weights_of
+from fl_lightning_mlflow.site.telemetry import SiteTelemetry
 from fl_lightning_mlflow.site.threads import torch_threads
 
-STATE_FILE = "site_state.json"  # survives a simulator worker that is restarted between tasks
 BEST_MODEL_FILE = "best_local_model.pt"
 
 
@@ -86,49 +65,32 @@ def flush_engine(engine: SiteEngine) -> None:
     engine.flush()
 
 
-def weights_of(dxo: DXO) -> dict:
-    if dxo.data_kind != DataKind.WEIGHTS:
-        raise ValueError(f"expected WEIGHTS, got {dxo.data_kind}")
-    return {k: np.asarray(v) for k, v in dxo.data.items()}
+def best_so_far(metrics: dict, key_metric: str, mode: str, best) -> tuple:
+    """(whether this model is the best so far, the best key metric value now). No key metric: the
+    last model is the best; a model whose key metric was not measured counts only while none was."""
+    if not key_metric:
+        return True, best
+    value = metrics.get(key_metric)
+    if not isinstance(value, (int, float)) or value != value:
+        return best is None, best
+    if best is None or (value < best if mode == "min" else value > best):
+        return True, value
+    return False, best
 
 
-class TrainTask:
-    """What a train task brings: the global weights and, for SCAFFOLD, the global controls,
-    in one of FLARE's two forms ("collection" or "meta", see the module's docstring)."""
-
-    def __init__(self, weights: dict, controls: dict | None = None, form: str | None = None):
-        self.weights, self.controls, self.form = weights, controls, form
-
-    @classmethod
-    def of(cls, dxo: DXO) -> "TrainTask":
-        if dxo.data_kind == DataKind.COLLECTION:  # ScatterAndGatherScaffold
-            parts = dxo.data if isinstance(dxo.data, dict) else {}
-            weights, controls = (
-                parts.get(AppConstants.MODEL_WEIGHTS),
-                parts.get(AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL),
-            )
-            if not isinstance(weights, DXO):
-                raise ValueError(f"a train task collection needs {AppConstants.MODEL_WEIGHTS!r}, got {sorted(parts)}")
-            if not isinstance(controls, DXO):
-                return cls(weights_of(weights))
-            return cls(weights_of(weights), dict(controls.data), "collection")
-        controls = dxo.get_meta_prop(AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL)
-        return cls(weights_of(dxo), dict(controls), "meta") if controls is not None else cls(weights_of(dxo))
-
-    def result(self, weight_diff: DXO, fit) -> DXO:
-        """The result DXO for this task's form, holding weight_diff (and the control difference)."""
-        if self.controls is None:
-            return weight_diff
-        if fit.control_diff is None:
-            raise ValueError("the engine returned no SCAFFOLD control difference for a SCAFFOLD task")
-        if self.form == "meta":
-            weight_diff.set_meta_prop(AlgorithmConstants.SCAFFOLD_CTRL_DIFF, fit.control_diff)
-            return weight_diff
-        controls = DXO(data_kind=DataKind.WEIGHT_DIFF, data=fit.control_diff)
-        for part in (weight_diff, controls):  # each part is weighted by the samples seen, as FedAvg's update
-            part.set_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND, fit.samples)
-        parts = {AppConstants.MODEL_WEIGHTS: weight_diff, AlgorithmConstants.SCAFFOLD_CTRL_DIFF: controls}
-        return DXO(data_kind=DataKind.COLLECTION, data=parts)
+def check_args(engine_id, threads_per_site, tasks: dict, key_metric, key_metric_mode) -> None:
+    """SiteExecutor's arguments, one ValueError line for the first bad one."""
+    if not isinstance(engine_id, str) or not engine_id:
+        raise ValueError(f"SiteExecutor: engine_id must be a component id, got {engine_id!r}")
+    if not is_int(threads_per_site) or threads_per_site < 0:
+        raise ValueError(f"SiteExecutor: threads_per_site must be an integer >= 0, got {threads_per_site!r}")
+    for name, value in tasks.items():
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"SiteExecutor: {name} must be a task name, got {value!r}")
+    if not isinstance(key_metric, str):
+        raise ValueError(f'SiteExecutor: key_metric must be a metric name or "", got {key_metric!r}')
+    if key_metric_mode not in ("max", "min"):
+        raise ValueError(f'SiteExecutor: key_metric_mode must be "max" or "min", got {key_metric_mode!r}')
 
 
 class SiteExecutor(Executor):
@@ -154,25 +116,12 @@ class SiteExecutor(Executor):
             lower ("min") is better; "" = the last local model.
         """
         super().__init__()
-        if not isinstance(engine_id, str) or not engine_id:
-            raise ValueError(f"SiteExecutor: engine_id must be a component id, got {engine_id!r}")
-        if not is_int(threads_per_site) or threads_per_site < 0:
-            raise ValueError(f"SiteExecutor: threads_per_site must be an integer >= 0, got {threads_per_site!r}")
-        for name, value in (
-            ("train_task_name", train_task_name),
-            ("validate_task_name", validate_task_name),
-            ("submit_model_task_name", submit_model_task_name),
-        ):
-            if not isinstance(value, str) or not value:
-                raise ValueError(f"SiteExecutor: {name} must be a task name, got {value!r}")
-        if not isinstance(key_metric, str):
-            raise ValueError(f'SiteExecutor: key_metric must be a metric name or "", got {key_metric!r}')
-        if key_metric_mode not in ("max", "min"):
-            raise ValueError(f'SiteExecutor: key_metric_mode must be "max" or "min", got {key_metric_mode!r}')
+        tasks = {"train_task_name": train_task_name, "validate_task_name": validate_task_name,
+                 "submit_model_task_name": submit_model_task_name}  # fmt: skip
+        check_args(engine_id, threads_per_site, tasks, key_metric, key_metric_mode)
         self.key_metric, self.key_metric_mode = key_metric, key_metric_mode
-        self.system_metrics_seconds = check_interval("SiteExecutor", system_metrics_seconds)
-        self.sampler: SystemSampler | None = None
-        self.datasets_sent = False
+        # Events, sent counts, dataset description, system metrics and the state file.
+        self.telemetry = SiteTelemetry(self, check_interval("SiteExecutor", system_metrics_seconds))
         self.engine_id = engine_id
         self.threads_per_site = threads_per_site
         self.task_names = (train_task_name, validate_task_name, submit_model_task_name)
@@ -181,8 +130,6 @@ class SiteExecutor(Executor):
         self.app_dir = None
         self.best_local = None  # the best local model's key metric so far (None: none yet)
         self.setup_error = None
-        self._fl_ctx = None
-        self.sent = SentCounter()  # what this site handed to FLARE for the server, since the job started
 
     # ----- lifecycle -------------------------------------------------------------------
     def handle_event(self, event_type: str, fl_ctx: FLContext):
@@ -197,17 +144,17 @@ class SiteExecutor(Executor):
                 self.log_error(fl_ctx, self.setup_error)
             else:
                 self._start_sampler(fl_ctx)
-        elif event_type == EventType.END_RUN and self.sampler is not None:
-            self.sampler.stop()
+        elif event_type == EventType.END_RUN and self.telemetry.stop_sampler():
             self._save_state()  # the sample index, for a restarted process
         if event_type == EventType.END_RUN and self.engine is not None and not self.setup_error:
             # The sending side's count, to compare with what reaches MLflow (this process's).
             self.log_info(fl_ctx, f"{self.site}: sent {self.engine.points_sent} metric points")
-            if self.sampler is not None:  # apart: the last samples may leave as the server stops listening
-                self.log_info(fl_ctx, f"{self.site}: sent {self.sampler.points_sent} system metric points")
+            sampler = self.telemetry.sampler
+            if sampler is not None:  # apart: the last samples may leave as the server stops listening
+                self.log_info(fl_ctx, f"{self.site}: sent {sampler.points_sent} system metric points")
             # The cumulative counts again: they include what was sent after the last task result,
             # which the server never hears of otherwise (no task result follows END_RUN).
-            self.log_info(fl_ctx, f"{self.site}: sent counts at job end {self.sent.snapshot()}")
+            self.log_info(fl_ctx, f"{self.site}: sent counts at job end {self.telemetry.sent.snapshot()}")
 
     def _setup(self, fl_ctx: FLContext):
         self.site = fl_ctx.get_identity_name()
@@ -227,18 +174,12 @@ class SiteExecutor(Executor):
                 raise ValueError(f"no component {training.writer_id!r} (an MLflowWriter) in config_fed_client.json")
         simulate = bool(fl_ctx.get_prop(FLContextKey.SIMULATE_MODE, False))
         threads = torch_threads(self.threads_per_site, simulate)
-        state = self.app_dir / STATE_FILE
-        saved = json.loads(state.read_text()) if state.is_file() else {}
-        # A restarted process carries on counting where the last one saved: the counts are cumulative.
-        self.sent = SentCounter(saved.get("sent_counts"))
+        saved = SiteTelemetry.saved(self.app_dir)
+        self.telemetry.resume(saved)  # a restarted process carries on counting where the last one saved
         if writer is not None:
-            writer = self.sent.writer(writer)
+            writer = self.telemetry.writer(writer)
         context = SiteContext(
-            site=self.site,
-            workdir=self.app_dir,
-            threads=threads,
-            send=self.sent.sender(self._send_analytics),
-            writer=writer,
+            site=self.site, workdir=self.app_dir, threads=threads, send=self.telemetry.sender(), writer=writer
         )
         training.setup(context)
         self.engine = training
@@ -251,70 +192,20 @@ class SiteExecutor(Executor):
             f"{training.describe()}; {threads} torch thread(s)",
         )
 
-    def _streaming(self) -> bool:
-        """Whether the engine streams to the server at all (an engine's tracking=false: nothing)."""
-        return bool(getattr(self.engine, "tracking", True))
-
     def _start_sampler(self, fl_ctx: FLContext) -> None:
-        if self.system_metrics_seconds <= 0 or not self._streaming():
-            return
-        flare_engine = fl_ctx.get_engine()
+        if self.engine.tracking:  # an engine that streams nothing (tracking=false) gets no system metrics either
+            saved = SiteTelemetry.saved(self.app_dir).get("system_step", 0)
+            self.telemetry.start_sampler(fl_ctx.get_engine(), saved, self.logger.warning)
 
-        def send_records(records):
-            # Off the task's thread: a FLARE context of its own, so samples go out between tasks too.
-            # Not in the sent counts: samples keep coming after a site's last task result, and the
-            # very last may leave as the server stops listening; delivery accounting covers the
-            # training records (the server leaves system/ points out of it too).
-            self._send_analytics(METRICS_BATCH, records, None, None, fl_ctx=flare_engine.new_context())
-
-        saved = self._saved_state().get("system_step", 0)
-        self.sampler = SystemSampler(self.system_metrics_seconds, send_records, start_step=saved,
-                                     warn=self.logger.warning)  # fmt: skip
-        self.sampler.start()
-
-    def _send_datasets(self) -> None:
-        """The site's training and validation data as dataset inputs of its run, once per process
-        (MLflow keeps one input per digest and context, so a restarted site sending again is harmless)."""
-        if self.datasets_sent or not self._streaming():
-            return
-        self.datasets_sent = True
-        described = self.engine.describe_datasets()
-        if described:
-            self._send_analytics(DATASETS, described, None, None)
-
-    def _saved_state(self) -> dict:
-        state = self.app_dir / STATE_FILE if self.app_dir else None
-        return json.loads(state.read_text()) if state is not None and state.is_file() else {}
-
-    def _save_state(self):
-        state = dict(engine=self.engine.state_dict(), best_local=self.best_local, sent_counts=self.sent.snapshot())
-        if self.sampler is not None:
-            state["system_step"] = self.sampler.step
-        (self.app_dir / STATE_FILE).write_text(json.dumps(state))
-
-    def _send_analytics(self, kind: str, values, step, fl_round, fl_ctx: FLContext | None = None):
-        """The engines' sender: one analytics record as one FLARE event (common.protocol), in
-        the running task's context unless given one."""
-        kwargs = {"global_step": step} if step is not None else {}
-        if fl_round is not None:
-            kwargs["round"] = fl_round
-        if kind == DATASETS:  # the project's own record: marked so no user param or tag is taken for it
-            kwargs[RECORD_KWARG] = DATASETS
-        if kind == METRICS_BATCH:  # the records ride in kwargs; value is the last one, for plain receivers
-            kwargs[RECORDS_KWARG] = values
-            values = values[-1][2]
-        data_type = {PARAMS: AnalyticsDataType.PARAMETERS, DATASETS: AnalyticsDataType.TAGS}.get(
-            kind, AnalyticsDataType.METRICS
-        )
-        dxo = create_analytic_dxo(tag=kind, value=values, data_type=data_type, writer=LogWriterName.MLFLOW, **kwargs)
-        send_analytic_dxo(self, dxo=dxo, fl_ctx=fl_ctx or self._fl_ctx, event_type=ANALYTIC_EVENT_TYPE)
+    def _save_state(self) -> None:
+        self.telemetry.save(self.app_dir, engine=self.engine.state_dict(), best_local=self.best_local)
 
     # ----- tasks -----------------------------------------------------------------------
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         if self.setup_error or self.engine is None:
             self.log_error(fl_ctx, f"cannot run {task_name}: {self.setup_error or 'the site was not set up'}")
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
-        self._fl_ctx = fl_ctx  # the analytics sender fires events in the running task's context
+        self.telemetry.fl_ctx = fl_ctx  # the analytics sender fires events in the running task's context
         train, validate, submit = self.task_names
         try:
             if task_name == train:
@@ -329,25 +220,12 @@ class SiteExecutor(Executor):
             self.log_warning(fl_ctx, f"{task_name} aborted")
             return make_reply(ReturnCode.TASK_ABORTED)
         finally:
-            self._fl_ctx = None
+            self.telemetry.fl_ctx = None
 
     def _better_local(self, metrics: dict) -> bool:
         """Whether this local model is the site's best so far (and remember its key metric)."""
-        if not self.key_metric:
-            return True  # no key metric: the last local model
-        value = metrics.get(self.key_metric)
-        if not isinstance(value, (int, float)) or value != value:
-            return self.best_local is None  # not measured: kept only while there is nothing better
-        better = self.best_local is None or (
-            value < self.best_local if self.key_metric_mode == "min" else value > self.best_local
-        )
-        if better:
-            self.best_local = value
+        better, self.best_local = best_so_far(metrics, self.key_metric, self.key_metric_mode, self.best_local)
         return better
-
-    @staticmethod
-    def _received_weights(shareable: Shareable) -> dict:
-        return weights_of(from_shareable(shareable))
 
     def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         fl_round = shareable.get_header(AppConstants.CURRENT_ROUND)
@@ -355,7 +233,7 @@ class SiteExecutor(Executor):
         self.log_info(fl_ctx, f"round {fl_round}: training starts")
         task = TrainTask.of(from_shareable(shareable))
         global_weights = task.weights
-        self._send_datasets()
+        self.telemetry.send_datasets(self.engine)
         if task.controls is not None and not self.engine.supports_scaffold:
             self.log_error(
                 fl_ctx,
@@ -392,16 +270,16 @@ class SiteExecutor(Executor):
         dxo.set_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND, fit.samples)
         dxo.set_meta_prop(MetaKey.INITIAL_METRICS, global_metrics)
         dxo.set_meta_prop(VAL_SAMPLES_META, self.engine.val_samples)  # weights the server's global average
-        with_sent_counts(dxo, self.sent.snapshot())  # the reliable channel: see the module's docstring
+        with_sent_counts(dxo, self.telemetry.sent.snapshot())  # the reliable channel: see the module's docstring
         self.log_info(fl_ctx, f"round {fl_round}: train task took {time.monotonic() - task_started:.2f} s")
         return dxo.to_shareable()
 
     def _validate(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         model_owner = shareable.get_header(AppConstants.MODEL_OWNER, "?")
-        metrics = self.engine.evaluate(self._received_weights(shareable), abort_signal)
+        metrics = self.engine.evaluate(weights_of(from_shareable(shareable)), abort_signal)
         self.log_info(fl_ctx, f"validated model from {model_owner}: {metrics}")
         flush_engine(self.engine)
-        dxo = with_sent_counts(DXO(data_kind=DataKind.METRICS, data=metrics), self.sent.snapshot())
+        dxo = with_sent_counts(DXO(data_kind=DataKind.METRICS, data=metrics), self.telemetry.sent.snapshot())
         return dxo.to_shareable()
 
     def _submit_model(self, fl_ctx: FLContext) -> Shareable:
@@ -413,4 +291,5 @@ class SiteExecutor(Executor):
         weights = {k: v.numpy() for k, v in state.items()}
         # Cross-site evaluation asks for this after the last round: one more, later, report of the counts.
         flush_engine(self.engine)
-        return with_sent_counts(DXO(data_kind=DataKind.WEIGHTS, data=weights), self.sent.snapshot()).to_shareable()
+        dxo = DXO(data_kind=DataKind.WEIGHTS, data=weights)
+        return with_sent_counts(dxo, self.telemetry.sent.snapshot()).to_shareable()
