@@ -64,9 +64,10 @@ def test_a_user_param_or_tag_named_datasets_is_stored_like_any_other(dropin_run)
         # ... and the project's own dataset description still becomes the run's dataset inputs
         contexts = sorted(i.tags[0].value for i in run.inputs.dataset_inputs)
         assert contexts == ["training", "validation"]
-        # log_metric without a step: the steps count up per name (FLARE's docs say step 0)
-        steps = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, NO_STEP_METRIC)]
-        assert steps == [(0, 1.0), (1, 2.0)]
+        # log_metric without a step: the steps count up per name (FLARE's docs say step 0); the two
+        # calls are two FLARE events, which may arrive in either order
+        points = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, NO_STEP_METRIC))
+        assert [s for s, _ in points] == [0, 1] and sorted(v for _, v in points) == [1.0, 2.0]
         assert run.data.tags["job_id"] == parent.data.tags["job_id"]  # on every run, as FLARE's receiver
     stats = json.loads((dropin_run.server_dir / STATS_FILE).read_text())
     assert not [line for line in stats.get("rejected", {}) if "datasets" in line]

@@ -316,7 +316,10 @@ def test_fl_server_killed_mid_round_is_recovered_and_the_next_job_runs(offline_d
         downloaded = script("poc.sh", *poc, "download")  # judged from the stats file: FINISHED, 0 lost
         assert "MLflow runs:     status FINISHED;" in downloaded and ", 0 lost" in downloaded
         experiment = client.get_experiment_by_name("hello-lightning-mlflow")
-        (new_parent,) = client.search_runs([experiment.experiment_id], filter_string=f"tags.job_id = '{next_id}'")
+        # Every run of the job carries its job_id (as FLARE's receiver tags them); one is its parent.
+        new_runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.job_id = '{next_id}'")
+        assert sorted(r.data.tags.get("role") for r in new_runs) == ["federation", "site", "site"]
+        (new_parent,) = [r for r in new_runs if r.data.tags.get("role") == "federation"]
         children = client.search_runs(
             [experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{new_parent.info.run_id}'"
         )
