@@ -17,6 +17,7 @@ site's controls with the result.
 import difflib
 import inspect
 import logging
+import warnings
 
 import pytorch_lightning as pl
 import torch
@@ -257,8 +258,10 @@ class LightningEngine(SiteEngine):
                 load_weights(module, weights)
             logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # a check: no Trainer chatter
             quiet = dict(enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
-            trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, limit_val_batches=1, **quiet)
-            (results,) = trainer.validate(module, datamodule=self.data, verbose=False)
+            with warnings.catch_warnings():  # Lightning's own deprecation notes are not the user's problem
+                warnings.simplefilter("ignore")
+                trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, limit_val_batches=1, **quiet)
+                (results,) = trainer.validate(module, datamodule=self.data, verbose=False)
         except Exception as e:  # noqa: BLE001 - the user's code: whatever it raises is the finding
             return f"{type(e).__name__}: {str(e)[:300]}"
         if not results:
