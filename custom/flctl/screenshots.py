@@ -1,4 +1,4 @@
-"""Screenshots of the MLflow UI for a finished job, taken in a real (headless) Chromium: the README's.
+"""Screenshots of the MLflow UI for a finished job, taken in a real (headless) Chromium: the ones docs/mlflow.md shows.
 
     flctl screenshots --tracking-uri sqlite:////path/mlflow.db --out DIR [--experiment NAME]
 
