@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import JOB, REPO
+from flctl.check_job import resolve, variables
 
 FL_JOB = REPO / "jobs" / "fl_job.py"
 STRUCTURE = {"format_version", "workflows", "components", "executors", "task_data_filters", "task_result_filters"}
@@ -48,37 +49,23 @@ def apps(job: Path) -> tuple[dict, dict]:
     return servers[0], clients[0]
 
 
-def resolve(node, variables: dict):
-    """FLARE's {var} substitution as far as these jobs use it: a string that is exactly "{name}" takes
-    the top-level variable's value (and type)."""
-    if isinstance(node, dict):
-        return {k: resolve(v, variables) for k, v in node.items()}
-    if isinstance(node, list):
-        return [resolve(v, variables) for v in node]
-    if isinstance(node, str) and node.startswith("{") and node.endswith("}") and node[1:-1] in variables:
-        return variables[node[1:-1]]
-    return node
-
-
 def top_variables(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in STRUCTURE}
 
 
 def entries(config: dict, key: str) -> set:
     """{(id, path, resolved args as JSON)} of config[key] (components or workflows)."""
-    variables = top_variables(config)
-    return {
-        (c["id"], c["path"], json.dumps(resolve(c.get("args", {}), variables), sort_keys=True)) for c in config[key]
-    }
+    names = variables(config)  # FLARE's {var} substitution, as flctl check resolves it
+    return {(c["id"], c["path"], json.dumps(resolve(c.get("args", {}), names), sort_keys=True)) for c in config[key]}
 
 
 def executors(config: dict) -> list:
-    variables = top_variables(config)
+    names = variables(config)
     return sorted(
         (
             sorted(e["tasks"]),
             e["executor"]["path"],
-            json.dumps(resolve(e["executor"].get("args", {}), variables), sort_keys=True),
+            json.dumps(resolve(e["executor"].get("args", {}), names), sort_keys=True),
         )
         for e in config["executors"]
     )
