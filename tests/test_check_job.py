@@ -346,3 +346,35 @@ def test_a_bad_model_logging_or_system_metrics_setting(tmp_path, offline_data, s
     job = job_copy(tmp_path, offline_data, **{setting: value})
     line = one_problem(job)
     assert component in line and expected in line
+
+
+def test_a_user_class_needs_no_argument_the_engine_fills_in_and_gets_a_did_you_mean():
+    """build_components.check_arguments: what the engine supplies itself (a DataModule's site) is
+    not required of the config; a misspelt argument gets the closest name; a missing one is named."""
+    from flctl.build_components import Problems, check_arguments
+
+    class Data:
+        def __init__(self, root: str, site: str, batch_size: int = 32):
+            pass
+
+    problems = Problems()
+    assert check_arguments(Data, {"root": "/d"}, "where", problems, filled=("site",)) and problems == []
+    assert not check_arguments(Data, {"root": "/d", "batchsize": 8}, "where", problems, filled=("site",))
+    assert problems == ["where.args: Data has no argument 'batchsize' (did you mean 'batch_size'?)"]
+    problems = Problems()
+    assert not check_arguments(Data, {"batch_size": 8}, "where", problems)
+    assert problems == ["where.args: Data needs argument 'root'", "where.args: Data needs argument 'site'"]
+
+
+def test_a_user_class_without_config_type_dict_is_one_line(tmp_path, offline_data):
+    job = job_copy(tmp_path, offline_data)
+
+    def built_by_flare(config):
+        del trainer(config)["args"]["datamodule"]["config_type"]
+
+    edit(job, CLIENT, built_by_flare)
+    problems, _ = check_job(job, 2, None)
+    assert any(
+        line.endswith('component \'engine\': datamodule: needs "config_type": "dict" (FLARE would build it before '
+                      "the site is known)") for line in problems
+    ), problems  # fmt: skip
