@@ -16,10 +16,11 @@ Files in the job's journal folder (JOURNAL_DIR in the server's job workspace):
                 process that is gone.
 
 The journal is also the queue's overflow: past the queue's memory bound, items live only here
-and are read back in order, so memory stays bounded. A line that cannot be read back (torn by a
-crash or a full disk) is moved to quarantine.jsonl and counted, never fatal.
-Thread-safety: append/read_into/pending take the journal's own lock; the sync thread asks the
-queue for the cursor before taking it (the queue calls in with its lock held: one lock order).
+and are read back run by run (server.spill), so memory stays bounded. A line that cannot be
+read back (torn by a crash or a full disk) is moved to quarantine.jsonl and counted, never fatal.
+Thread-safety: appends take the journal's own lock; readers (the writer thread) read whole lines
+below size() on a handle of their own, without it; the sync thread asks the queue for the cursor
+before taking it (the queue calls in with its lock held: one lock order).
 """
 
 import collections
@@ -30,26 +31,22 @@ import os
 import threading
 from pathlib import Path
 
+from fl_lightning_mlflow.server.queue_items import as_item
+
 JOURNAL_DIR = "mlflow_journal"
 ITEMS, CURSOR, STATE, LOCK, QUARANTINE = "items.jsonl", "cursor", "state.json", "lock", "quarantine.jsonl"
 
-# Queue items, as WriteQueue makes them: ("metric", run_key, key, value, timestamp_ms, step),
-# ("param"|"tag", run_key, key, value), ("call", name, args).
-ARITY = {"metric": 6, "param": 4, "tag": 4, "call": 3}
-
 
 def parse_line(line: bytes) -> tuple | None:
-    """A journal line back as (seq, item), or None when it is torn or not an item."""
+    """A journal line back as (seq, item) (server.queue_items), or None when it is torn or not an item."""
     try:
         entry = json.loads(line)
     except ValueError:
         return None
     if not isinstance(entry, list) or len(entry) < 2 or not isinstance(entry[0], int):
         return None
-    seq, item = entry[0], entry[1:]
-    if ARITY.get(item[0]) != len(item) or (item[0] != "call" and not isinstance(item[1], str)):
-        return None
-    return seq, tuple(item)
+    item = as_item(entry[1:])
+    return None if item is None else (entry[0], item)
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -106,7 +103,7 @@ class JournalWriteError(Exception):
 
 class Journal:
     def __init__(self, folder, stats: collections.Counter, log: logging.Logger, sync_seconds: float = 1.0):
-        """stats: the queue's counters (spilled, quarantined, journal_* are added here). An
+        """stats: the queue's counters (quarantined, journal_* are added here). An
         existing journal (recovery) is appended to, its seqs continued. JournalBusy when a live
         process holds it."""
         self.folder = Path(folder)
@@ -122,9 +119,6 @@ class Journal:
         self.next_seq, self._size, self._torn = self._scan_end()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self._dirty = False
-        self.count = 0  # items that live only here (spilled or replayed), not yet read back
-        self._read_pos = 0  # byte offset of the oldest of them
-        self.first_pending_seq = None  # a lower bound of their seqs (for the cursor)
         self._cursor_written = read_cursor(self.folder)
         self._errors = set()
         self._stop = threading.Event()
@@ -147,21 +141,20 @@ class Journal:
         return last + 1, size, torn
 
     # ----- accepting -------------------------------------------------------------------------
-    def append(self, item, spill: bool) -> int:
-        """Journal item under the next seq and return it; with spill, the item lives only here
-        until read back. A write that fails (disk full: nothing half-written stays in the way of
-        the next line) or an item that is not JSON raises JournalWriteError with the seq it was
-        given; the caller keeps the item in memory."""
-        ((seq, error),) = self.append_many([item], spill)
+    def append(self, item) -> int:
+        """Journal item under the next seq and return it. A write that fails (disk full: nothing
+        half-written stays in the way of the next line) or an item that is not JSON raises
+        JournalWriteError with the seq it was given; the caller keeps the item in memory."""
+        ((seq, error, _),) = self.append_many([item])
         if error is not None:
             raise error
         return seq
 
-    def append_many(self, items: list, spill: bool) -> list:
-        """Journal items under consecutive seqs in one write: [(seq, None or JournalWriteError)]
-        in their order. One write per batch rather than per item: every write releases the GIL,
-        and a handoff to the writer thread per metric point cost more than the write itself. An
-        item that is not JSON, or that a failed write did not put on disk whole, gets its
+    def append_many(self, items: list) -> list:
+        """Journal items under consecutive seqs in one write: [(seq, None or JournalWriteError,
+        the line's byte offset or None)] in their order. One write per batch rather than per item:
+        every write releases the GIL, and a handoff to the writer thread per metric point cost more
+        than the write itself. An item that is not JSON, or that a failed write did not put on disk whole, gets its
         JournalWriteError (the caller keeps it in memory); the lines written whole stay journaled."""
         with self._lock:
             out, lines, dumps = [], [], json.dumps
@@ -190,16 +183,11 @@ class Journal:
                         out[i] = (seq, JournalWriteError(seq, e))
                     written -= len(line)
             self._dirty = True
-            pos = start
+            pos, placed = start, {}
             for i, line in lines:
-                seq, error = out[i]
-                if error is None and spill:
-                    if self.count == 0:
-                        self._read_pos, self.first_pending_seq = pos, seq
-                    self.count += 1
-                    self.stats["spilled"] += 1
+                placed[i] = pos
                 pos += len(line)
-            return out
+            return [(seq, error, placed.get(i) if error is None else None) for i, (seq, error) in enumerate(out)]
 
     def _write(self, data: bytes) -> None:
         written = 0
@@ -215,73 +203,13 @@ class Journal:
         finally:
             self._size += written
 
-    # ----- reading back ------------------------------------------------------------------------
-    def resume_after(self, cursor: int) -> int:
-        """Recovery: make every journaled item with seq > cursor pending (read back in order by
-        read_into). Returns how many lines that is."""
+    # ----- reading back (the writer thread; server.spill) ----------------------------------------------
+    def size(self) -> int:
+        """How many bytes of whole lines the file holds now: a reader stops there."""
         with self._lock:
-            pos, count, first = 0, 0, None
-            with open(self.path, "rb") as f:
-                while True:
-                    start = f.tell()
-                    line = f.readline()
-                    if not line:
-                        break
-                    entry = parse_line(line)
-                    if entry is not None and entry[0] <= cursor:
-                        continue
-                    if first is None:
-                        pos, first = start, (entry[0] if entry else cursor + 1)
-                    count += 1
-            self.count, self._read_pos, self.first_pending_seq = count, pos, first
-            return count
+            return self._size
 
-    def read_into(self, memory: collections.deque, fill_to: int) -> None:
-        """Move the oldest pending items into memory as (seq, item), up to fill_to entries there
-        (at least one line is read)."""
-        with self._lock:
-            try:
-                f = open(self.path, "rb")
-            except FileNotFoundError:  # removed under us: nothing to read back; say how much went
-                self.stats["spill_missing"] += self.count
-                self.log.error(f"MLflow queue: journal {self.path} vanished with {self.count} pending items")
-                self.count, self._read_pos, self.first_pending_seq = 0, 0, None
-                return
-            with f:
-                f.seek(self._read_pos)
-                while self.count and (len(memory) < fill_to or not memory):
-                    line = f.readline()
-                    if not line:
-                        self.count = 0  # the count and the file disagree (a torn line): the file is the truth
-                        break
-                    self.count -= 1
-                    entry = parse_line(line)
-                    if entry is None:
-                        self._quarantine(line)
-                        continue
-                    memory.append(entry)
-                    self.first_pending_seq = entry[0] + 1
-                self._read_pos = f.tell()
-            if self.count <= 0:
-                self.count, self.first_pending_seq = 0, None
-
-    def pending(self) -> collections.Counter:
-        """What is pending here, by kind; unreadable lines (or file) count as "unreadable"."""
-        counts = collections.Counter()
-        with self._lock:
-            if not self.count:
-                return counts
-            try:
-                with open(self.path, "rb") as f:
-                    f.seek(self._read_pos)
-                    for _, line in zip(range(self.count), f, strict=False):
-                        entry = parse_line(line)
-                        counts[entry[1][0] if entry else "unreadable"] += 1
-            except OSError:
-                counts["unreadable"] += self.count
-        return counts
-
-    def _quarantine(self, line: bytes) -> None:
+    def quarantine(self, line: bytes) -> None:
         self.stats["quarantined"] += 1
         try:
             with open(self.quarantine_path, "ab") as q:
