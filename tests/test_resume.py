@@ -224,3 +224,24 @@ def test_flctl_simulate_resume_of_a_folder_that_is_no_run_says_so(tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert err.startswith("flctl simulate: ") and "is not a run folder of flctl simulate" in err
     assert "\n" not in err
+
+
+def test_flctl_resume_without_a_kit_writes_the_continuation_and_says_how_to_submit_it(tmp_path, empty_store, capsys):
+    run_dir, _ = dead(tmp_path, empty_store, rounds_done=3)
+    job = job_of(tmp_path)
+    assert main(["resume", str(run_dir), "--job", str(job), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("recovery: job job-1")
+    assert out[1].startswith("resume: job job-1 stopped after round 2; rounds 3..4 follow from its last global model")
+    assert out[-1] == f"resume: submit it with: nvflare job submit -j {tmp_path / 'out' / job.name} --startup-kit KIT"
+    assert json.loads((tmp_path / "out" / "resume_plan.json").read_text())["start_round"] == 3
+
+
+def test_flctl_resume_of_a_finished_job_refuses_in_one_line(tmp_path, empty_store, capsys):
+    run_dir, _ = dead(tmp_path, empty_store)
+    (run_dir / "mlflow_tracking_stats.json").write_text(json.dumps({"status": "FINISHED"}))
+    assert main(["resume", str(run_dir), "--job", str(job_of(tmp_path))]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "flctl resume: job job-1 finished (its runs are FINISHED): nothing to resume"
+    assert main(["resume", str(run_dir), "--job", str(tmp_path)]) == 1
+    assert "is not a job folder" in capsys.readouterr().err
