@@ -1,7 +1,7 @@
 """flctl: the project's one command line.
 
     flctl prepare-data | configure | check | simulate | poc | mlflow-server | evaluate | contents | recover |
-    screenshots | project | rehearse
+    resume | screenshots | project | rehearse
 
 `flctl SUBCOMMAND --help` says more. A failure prints one line `flctl SUBCOMMAND: reason` on
 stderr and exits non-zero (2 for a wrong argument).
@@ -25,6 +25,7 @@ MODULES = (
     "flctl.evaluate",
     "flctl.mlflow_contents",
     "flctl.recover",
+    "flctl.resume",
     "flctl.screenshots",
     "flctl.project",
     "flctl.rehearsal",

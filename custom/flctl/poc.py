@@ -7,7 +7,7 @@
             Says so and does nothing when all are running; after a crash, stops what is left
             and clears stale PID files first, recovers the tracking of jobs the dead server
             left unfinished (flctl recover; --no-recover skips it) and marks those jobs
-            FINISHED:ABORTED in FLARE's job store (FLARE 2.9 cannot resume them)
+            FINISHED:ABORTED in FLARE's job store (FLARE 2.9 cannot resume them: `resume` continues one)
   submit    configure a copy of the job, check it (flctl check), submit it; prints the job id
   wait      wait for the submitted job (--timeout) and fail unless FLARE says it finished OK;
             if the FL server goes away meanwhile, say so, stop the sites and fail
@@ -17,6 +17,8 @@
   clean     stop, then delete the POC workspace
   status    list the POC processes that are running
   run       prepare, start, submit, wait, download, stop (stops on failure too)
+  resume    after an FL server crash and `start`: the last job (or --job-id) goes on from its
+            last global model into its own MLflow runs (flctl resume), then waits as `wait`
 
 nvflare's CLI config, which nvflare writes to $HOME/.nvflare/config.conf, goes to
 WORKSPACE/home/.nvflare: HOME points there for every nvflare command, so ~/.nvflare is never
@@ -43,7 +45,7 @@ from flctl.outcome import MODEL_FILE, read_stats
 from flctl.recover import recover_tracking
 from flctl.simulate import ensure_data, job_settings, uses_cifar_data
 
-COMMANDS = ("prepare", "start", "submit", "wait", "download", "stop", "clean", "status", "run")
+COMMANDS = ("prepare", "start", "submit", "wait", "download", "stop", "clean", "status", "run", "resume")
 CONTROL_FILES = ("daemon_pid.fl", "pid.fl", "shutdown.fl", "restart.fl")
 WAIT_EXIT_TIMEOUT = 3  # `nvflare job wait`'s exit status when --timeout passed
 
@@ -218,6 +220,10 @@ class Poc:
             raise CliError(f"could not configure the job: {e}") from None
         verdict = f"the job has the problem(s) above; nothing was submitted (job copy: {job})"
         check_or_fail(job, self.sites, str(data_root) if data_root else None, verdict=verdict)
+        self.submit_folder(job)
+
+    def submit_folder(self, job):
+        """Submit a job folder as it is; its id becomes the last job (wait, download, resume)."""
         result = self.nvflare(["job", "submit", "-j", job, "--startup-kit", self.kit], "submit.log", json_out=True)
         answer = nvflare_cli.parse_json(result.stdout)
         self.job_id = (answer.get("data") or {}).get("job_id")
@@ -225,7 +231,12 @@ class Poc:
             why = answer.get("message") or nvflare_cli.tail(self.workspace / "submit.log").replace("\n", " ")
             raise CliError(f"job submit failed: {why}")
         (self.workspace / "last_job_id").write_text(f"{self.job_id}\n")
-        self.say(f"poc: submitted {self.job_src.name} as job {self.job_id}")
+        self.say(f"poc: submitted {Path(job).name} as job {self.job_id}")
+
+    def resume(self):
+        from flctl.poc_resume import resume
+
+        resume(self)
 
     def resolve_job_id(self) -> str:
         if not self.job_id:

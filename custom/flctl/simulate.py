@@ -11,6 +11,11 @@ DataModule's test loader), the best round by the key metric, where the MLflow da
 to view it. The CIFAR-10 split is prepared only for jobs that train the CIFAR-10 example's
 DataModule; any other DataModule prepares its own data (its prepare_data, as Lightning's).
 Each run gets its own folder WORKSPACE/runs/<time>; WORKSPACE/latest points to it.
+
+    flctl simulate --resume RUN_DIR [--tracking-uri URI] [--threads N] [--gpu IDS]
+
+goes on with a run that was killed mid-job (flctl.sim_resume): from its last global model, at
+the round after its last completed one, into its own MLflow runs; the job's settings stay its own.
 """
 
 import os
@@ -307,10 +312,15 @@ def register(subparsers) -> None:
     p.add_argument("--experiment", help="MLflow experiment name (default: the job's)")
     p.add_argument("--threads", type=positive_int, help="sites the simulator runs at once (default: all)")
     p.add_argument("--gpu", help="GPU ids for the simulator's -gpu option, e.g. 0")
+    p.add_argument("--resume", metavar="RUN_DIR", help="go on with a killed run (WORKSPACE/runs/<time> or latest)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    if args.resume:
+        from flctl import sim_resume
+
+        return sim_resume.run(args)
     started = time.monotonic()
     sim = simulate(
         args.job,

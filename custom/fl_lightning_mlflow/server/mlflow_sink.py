@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 
 from fl_lightning_mlflow.common.protocol import MAX_PARAM_VALUE_LENGTH, MAX_TAG_VALUE_LENGTH, PARENT_RUN_KEY, STATS_FILE
+from fl_lightning_mlflow.server.continuation import REOPEN, reopen_run
 from fl_lightning_mlflow.server.dataset_inputs import dataset_input
 from fl_lightning_mlflow.server.journal import JOURNAL_DIR, save_state
 from fl_lightning_mlflow.server.model_logger import JOB_UID_TAG, ModelLogger, versions
@@ -68,6 +69,7 @@ class MLflowSink:
             "log_table": self._log_table,
             "log_text": lambda client, key, text, path: client.log_text(self._run_id(key), text, path),
             "terminate": lambda client, key, status: client.set_terminated(self._run_id(key), status),
+            REOPEN: lambda client, key: reopen_run(client, self._run_id(key)),  # a resumed job's runs
         }
         self.queue = WriteQueue(
             tracking_uri, self.journal_dir, actions, call_lanes=CALL_LANES, priority_run=PARENT, logger=logger,

@@ -13,7 +13,7 @@ MODES = ("max", "min")
 
 class KeyMetricSelector(IntimeModelSelector):
     def __init__(self, key_metric: str = "global_val_acc", key_metric_mode: str = "max", weigh_by_local_iter=True,
-                 aggregation_weights=None):  # fmt: skip
+                 aggregation_weights=None, best_value: float | None = None):  # fmt: skip
         if not isinstance(key_metric, str) or not key_metric:
             raise ValueError(f"KeyMetricSelector: key_metric must be a metric name, got {key_metric!r}")
         if key_metric_mode not in MODES:
@@ -25,6 +25,12 @@ class KeyMetricSelector(IntimeModelSelector):
             negate_key_metric=key_metric_mode == "min",
         )
         self.key_metric_mode = key_metric_mode
+        if best_value is not None:
+            if not isinstance(best_value, (int, float)) or isinstance(best_value, bool):
+                raise ValueError(f"KeyMetricSelector: best_value must be a number or null, got {best_value!r}")
+            # The selector maximises: a lower-is-better value is held negated, as it holds its own.
+            self.best_val_metric = -float(best_value) if key_metric_mode == "min" else float(best_value)
+            self.best_raw_val_metric = float(best_value)
 
 
 def mode_of(selector) -> str:

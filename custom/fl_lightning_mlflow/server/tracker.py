@@ -40,6 +40,7 @@ from fl_lightning_mlflow.common.protocol import (
     REGISTERED_MODEL_STATS_KEY,
     SENT_COUNTS_META,
 )
+from fl_lightning_mlflow.server.continuation import Continuation
 from fl_lightning_mlflow.server.delivery import DeliveryLedger
 from fl_lightning_mlflow.server.mlflow_sink import PARENT, MLflowSink
 from fl_lightning_mlflow.server.model_logger import ModelLogger
@@ -66,7 +67,8 @@ class FederatedMLflowTracker(MLflowReceiver):
                  max_memory_items: int = 200_000, retry_initial: float = 0.5, retry_max: float = 15.0,
                  final_flush_timeout: float = 120.0, http_request_max_retries: int = 2, http_request_timeout: int = 10,
                  model_selector_id: str = "model_selector", journal_sync_seconds: float = 1.0,
-                 recover_orphans: bool = True, log_models: str = "best_and_final"):  # fmt: skip
+                 recover_orphans: bool = True, log_models: str = "best_and_final",
+                 resume_from: dict | None = None):  # fmt: skip
         """Args are set in config_fed_server.json.
 
         tracking_uri: None or "" = sqlite mlflow.db in the server's job workspace; or
@@ -101,6 +103,8 @@ class FederatedMLflowTracker(MLflowReceiver):
         log_models: which rounds' global models become MLflow LoggedModels (server.model_policy):
             "best_and_final" (default), "every_round" or "every_k:<k>"; the best and the final are
             always logged, and registered with the aliases champion and final.
+        resume_from: set by flctl in a continuation job only: the dead job's plan
+            (server.continuation): its runs go on instead of new ones being created.
         """
         super().__init__(tracking_uri=tracking_uri or None, kw_args=kw_args, events=events)
         if artifact_location is not None and (not isinstance(artifact_location, str) or not artifact_location):
@@ -143,6 +147,7 @@ class FederatedMLflowTracker(MLflowReceiver):
             "MLFLOW_HTTP_REQUEST_TIMEOUT": str(http_request_timeout),
         }
         self.model_selector_id = model_selector_id
+        self.continuation = Continuation(resume_from) if resume_from else None
         # Problems go to the log without firing FLARE log events from inside an event handler.
         self.records = RecordChecker(warn=self.logger.warning)
         self.summary = FederationSummary()
@@ -176,6 +181,8 @@ class FederatedMLflowTracker(MLflowReceiver):
                 self.delivery.report(*counts)
         elif event_type == AppEventType.ROUND_STARTED:
             self.summary.num_rounds = fl_ctx.get_prop(AppConstants.NUM_ROUNDS, self.summary.num_rounds)
+            if self.continuation:
+                self.continuation.round_started(self.summary)
             self.round_timings.start()
             fl_round = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
             # A copy: the shareable generator updates the global weights in place after aggregation.
@@ -265,9 +272,12 @@ class FederatedMLflowTracker(MLflowReceiver):
             experiment_tags=self.kw_args.get("experiment_tags"), run_tags=self.kw_args.get("run_tags"),
             description=self.description, promote_params=self.promote_params, logger=self.logger,
             requested_artifacts=bool(self.requested_artifacts), **self.queue_args,
+            resume=self.continuation.sink_state() if self.continuation else None,
         )  # fmt: skip
         sites = sorted(c.name for c in engine.get_clients())
         self.sink.start(job_name, job_id, sites, {"job_name": meta.get("name") or job_name}, self.fl_params, artifacts)
+        if self.continuation:  # the dead job's runs go on (server.continuation)
+            self.continuation.start(self.sink, self.summary, self.app_dir, job_id, sites)
         where = redact_uri(uri) if not uri.startswith("sqlite") else uri.replace("sqlite:///", "", 1)
         self.log_info(fl_ctx, f"MLflow tracking to {where}, experiment {self.experiment_name!r}")
         self.tracking = True
@@ -315,7 +325,8 @@ class FederatedMLflowTracker(MLflowReceiver):
             records = (data.kwargs or {}).get(RECORDS_KWARG)  # FlareLogger's batch: [[step, round, values], ...]
             if not isinstance(records, list):
                 records = [[data.step, None, values]]
-            self.sink.metrics(site, self.records.metrics(site, records), _now())
+            points = self.records.metrics(site, records)
+            self.sink.metrics(site, self.continuation.shift(site, points) if self.continuation else points, _now())
         elif kind in TEXT_ITEMS:
             item = TEXT_ITEMS[kind]
             accepted = self.records.texts(site, item, values)
