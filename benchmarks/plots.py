@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import accuracy
+import ingest
 import overhead
 import write_path
 
@@ -17,6 +18,8 @@ def summary_markdown(results: dict) -> str:
         parts += ["## Accuracy", accuracy.table(results["accuracy"])]
     if results.get("scaling", {}).get("points"):
         parts += ["## Scaling", overhead.scaling_table(results["scaling"])]
+    if results.get("ingest", {}).get("backlog"):
+        parts += ["## Ingest", ingest.table(results["ingest"])]
     return "\n\n".join(parts) + "\n"
 
 

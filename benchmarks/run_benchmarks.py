@@ -14,6 +14,8 @@ ratio is measured within one run on one machine. Sections:
   accuracy    FedAvg, FedProx, SCAFFOLD and FedOpt x IID / Dirichlet 0.5 / 0.1 x 3 seeds on the
               hard offline set, one MLflow experiment; centralized training beside them
   scaling     sites, rounds and data size (not in the default set: --sections scaling)
+  ingest      what the FL server takes in, points/s, with an empty queue and under a backlog
+              of a million (not in the default set: --sections ingest)
 
 Results go to --out (default benchmarks/results/<time>): results.json (rewritten after every
 step, so a run that stops can be continued with the same --out: finished steps are kept),
@@ -28,13 +30,14 @@ from datetime import datetime
 from pathlib import Path
 
 import accuracy
+import ingest
 import overhead
 import plots
 import write_path
 from bench_common import REPO, machine, say
 
 SECTIONS = ("overhead", "write_path", "accuracy")
-OPTIONAL = ("scaling",)
+OPTIONAL = ("scaling", "ingest")
 
 
 def sections_arg(text: str) -> list:
@@ -80,6 +83,8 @@ def main(argv=None) -> int:
             accuracy.run(work, a.quick, section, save)
         elif name == "scaling":
             overhead.scaling(work, a.quick, section, save)
+        elif name == "ingest":
+            ingest.run(work, a.quick, section, save)
         save()
     text = plots.summary_markdown(results)
     (out / "summary.md").write_text(text)

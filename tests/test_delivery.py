@@ -27,7 +27,7 @@ def test_an_exact_match_is_one_short_line():
     assert ledger.message(table) == "delivery: site-1 sent 64, written 64; site-2 sent 64, written 64"
     row = table["site-1"]
     assert row | {"sent_by_kind": None, "received_by_kind": None} == {
-        **dict(sent=64, received=64, rejected=0, written=64, refused=0, lost=0, in_flight=0),
+        **dict(sent=64, throttled=0, received=64, rejected=0, written=64, refused=0, lost=0, in_flight=0),
         **dict(sent_by_kind=None, received_by_kind=None),
     }
     assert row["sent_by_kind"] == {"metric": 50, "param": 14, "tag": 0}

@@ -7,12 +7,14 @@ what the server received (records.RecordChecker), rejected, and what MLflow wrot
 good (the write queue's per-run counters; a site's run key is its name), per site:
 
   sent      what the site handed to FLARE up to its last task result (points, params, tags)
+  throttled what went over the site's budget (common.stream_budget): held back by the site itself
+            (reported with its sent counts, never sent) or dropped here on arrival (sent)
   received  what reached the server and passed its checks
   rejected  what reached the server and failed them (never written)
   written   what MLflow confirmed written to the site's run
   refused   what MLflow refused for good
-  lost      sent - written - refused - rejected, never below 0
-  in_flight sent - received - rejected: never reached the server (events lost on the way, or
+  lost      sent - written - refused - rejected - throttled here, never below 0
+  in_flight sent - received - rejected - throttled here: never reached the server (events lost on the way, or
             still in flight when the server stopped listening)
 
 Points a site sends after its last task result (e.g. logs during cross-site validation) are in
@@ -24,7 +26,8 @@ from collections.abc import Mapping
 
 from fl_lightning_mlflow.common.protocol import DELIVERY_METRIC_PREFIX, SENT_KINDS, check_key
 
-COLUMNS = ("sent", "received", "rejected", "written", "refused", "lost", "in_flight")
+COLUMNS = ("sent", "throttled", "received", "rejected", "written", "refused", "lost", "in_flight")
+THROTTLED_KEY = "throttled"  # in a site's SENT_COUNTS_META: points its own budget held back, cumulative
 
 
 def _count(value) -> int | None:
@@ -40,6 +43,7 @@ def _count(value) -> int | None:
 class DeliveryLedger:
     def __init__(self):
         self.sent: dict = {}  # site -> {kind: count}, the largest count each kind reached
+        self.held: dict = {}  # site -> points its own budget held back (the largest count reported)
 
     def report(self, site, counts) -> bool:
         """A site's cumulative counts from one task result; False (ignored) if malformed.
@@ -52,7 +56,14 @@ class DeliveryLedger:
         known = self.sent.setdefault(site, dict.fromkeys(SENT_KINDS, 0))
         for kind, n in clean.items():
             known[kind] = max(known[kind], n)
+        held = counts.get(THROTTLED_KEY)
+        if isinstance(held, int) and not isinstance(held, bool) and held >= 0:
+            self.held[site] = max(self.held.get(site, 0), held)
         return True
+
+    def throttled_by(self, site) -> int:
+        """Points the site's own budget held back (as it last reported)."""
+        return self.held.get(site, 0)
 
     def table(
         self,
@@ -60,13 +71,15 @@ class DeliveryLedger:
         written: Mapping | None,
         refused: Mapping | None = None,
         rejected: Mapping | None = None,
+        throttled: Mapping | None = None,
     ) -> dict:
         """{site: row} over every site that reported or was received from.
 
         received: site -> {kind: count} (RecordChecker.received); written, refused: site -> count
         or {kind: count} (the write queue's per-run counters), None where the queue does not keep
-        them (then written, lost are None: unknown, not zero); rejected: site -> count."""
-        refused, rejected = refused or {}, rejected or {}
+        them (then written, lost are None: unknown, not zero); rejected: site -> count; throttled:
+        site -> points over its budget dropped on arrival (server.site_stream)."""
+        refused, rejected, throttled = refused or {}, rejected or {}, throttled or {}
         out = {}
         for site in sorted(set(self.sent) | set(received)):
             sent = sum(self.sent[site].values()) if site in self.sent else None
@@ -74,14 +87,16 @@ class DeliveryLedger:
             bad = _count(rejected.get(site, 0)) or 0
             done = None if written is None else (_count(written.get(site, 0)) or 0)
             no = _count(refused.get(site, 0)) or 0
+            dropped = _count(throttled.get(site, 0)) or 0
             row = {
                 "sent": sent,
+                "throttled": self.throttled_by(site) + dropped,
                 "received": got,
                 "rejected": bad,
                 "written": done,
                 "refused": no,
-                "lost": None if sent is None or done is None else max(0, sent - done - no - bad),
-                "in_flight": None if sent is None else max(0, sent - got - bad),
+                "lost": None if sent is None or done is None else max(0, sent - done - no - bad - dropped),
+                "in_flight": None if sent is None else max(0, sent - got - bad - dropped),
             }
             if site in self.sent:
                 row["sent_by_kind"] = dict(self.sent[site])
@@ -103,15 +118,16 @@ class DeliveryLedger:
         for site, row in table.items():
             sent = "?" if row["sent"] is None else row["sent"]
             written = "? (not counted per run by the write queue)" if row["written"] is None else row["written"]
+            held = f", throttled {row['throttled']}" if row.get("throttled") else ""
             if not row["lost"]:
-                part = f"{site} sent {sent}, written {written}"
+                part = f"{site} sent {sent}, written {written}{held}"
                 if row["sent"] is None:
                     part += " (no task result reported its counts)"
                 elif row["written"] is not None and row["written"] > row["sent"]:
                     part += " (the rest was sent after its last task result: see its END_RUN log)"
             else:
                 part = (
-                    f"{site} sent {sent}, received {row['received']}, rejected {row['rejected']}, "
+                    f"{site} sent {sent}{held}, received {row['received']}, rejected {row['rejected']}, "
                     f"written {written}, refused {row['refused']}, lost {row['lost']}"
                 )
                 if row["in_flight"]:
@@ -126,6 +142,6 @@ class DeliveryLedger:
         for site, row in table.items():
             for column in COLUMNS:
                 name = f"{DELIVERY_METRIC_PREFIX}{site}/{column}"
-                if row[column] is not None and check_key(name) is None:
+                if row.get(column) is not None and check_key(name) is None:
                     points.append((name, float(row[column])))
         return points

@@ -34,7 +34,7 @@ PARENT = PARENT_RUN_KEY  # the run key of the job's parent run; sites' run keys 
 CROSS_SITE_TABLE = "cross_site_validation.json"
 # Which run each action concerns (server.lanes): the index of its run key among its args, or the
 # run itself; "setup" makes the whole tree, so everything waits for it.
-CALL_LANES = {"child": 0, "log_inputs": 0, "log_table": 0, "log_text": 0, "terminate": 0,
+CALL_LANES = {"child": 0, "log_inputs": 0, "log_table": 0, "log_text": 0, "terminate": 0, REOPEN: 0,
               "log_models": PARENT, "log_round_model": PARENT}  # fmt: skip
 
 

@@ -40,3 +40,25 @@ class ModelPolicy:
         """Whether round fl_round's global model is logged when the round ends (best and final:
         at job end, whatever this says)."""
         return self.every > 0 and isinstance(fl_round, int) and (fl_round + 1) % self.every == 0
+
+
+ROUND_MODELS_DIR = "mlflow_round_models"  # in the job's run folder: round models waiting for the writer
+
+
+def queue_round_model(sink, round_weights, fl_round, logger) -> None:
+    """round_weights: (round, the weights copied at its start) when the policy logs this round.
+    They are saved beside the journal (the queue carries the path, not megabytes) and queued after
+    the round's metrics, which MLflow links to the model. Returns what the tracker keeps: None."""
+    if not round_weights or round_weights[0] != fl_round or round_weights[1] is None:
+        return None
+    import torch
+
+    folder = sink.run_dir / ROUND_MODELS_DIR
+    try:
+        folder.mkdir(exist_ok=True)
+        path = folder / f"round_{fl_round}.pt"
+        torch.save({k: torch.as_tensor(v) for k, v in round_weights[1].items()}, path)
+        sink.round_model(path, fl_round)
+    except Exception as e:  # noqa: BLE001 - a round's model is optional; training and tracking go on
+        logger.warning(f"MLflow: round {fl_round}'s global model not logged: {type(e).__name__}: {e}")
+    return None

@@ -13,49 +13,36 @@ turns FLARE events into calls of the rooms that do the work, none of which knows
   - tracking_uri: URI checks and the start-of-job credential probe.
 """
 
-import os
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
-from nvflare.apis.analytix import AnalyticsData, AnalyticsDataType, LogWriterName
+from nvflare.apis.analytix import AnalyticsData, LogWriterName
 from nvflare.apis.dxo import DataKind, MetaKey, from_shareable
 from nvflare.apis.event_type import EventType
-from nvflare.apis.fl_constant import FLContextKey, ReservedKey, ReturnCode
+from nvflare.apis.fl_constant import FLContextKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.app_common.abstract.model import ModelLearnableKey
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
-from nvflare.app_common.widgets.intime_model_selector import IntimeModelSelector
 from nvflare.app_opt.tracking.mlflow.mlflow_receiver import MLflowReceiver
 
 from fl_lightning_mlflow.common.protocol import (
-    BEST_MODEL_STATS_KEY,
-    DATASETS,
-    DELIVERY_STATS_KEY,
-    RECORD_KWARG,
-    RECORDS_KWARG,
-    REGISTERED_MODEL_STATS_KEY,
     SENT_COUNTS_META,
 )
 from fl_lightning_mlflow.server.continuation import Continuation
 from fl_lightning_mlflow.server.delivery import DeliveryLedger
+from fl_lightning_mlflow.server.job_end import end_job
+from fl_lightning_mlflow.server.job_start import recover_earlier_jobs, start_job
 from fl_lightning_mlflow.server.mlflow_sink import PARENT, MLflowSink
 from fl_lightning_mlflow.server.model_logger import ModelLogger
-from fl_lightning_mlflow.server.model_policy import ModelPolicy
-from fl_lightning_mlflow.server.model_selector import mode_of
+from fl_lightning_mlflow.server.model_policy import ModelPolicy, queue_round_model
 from fl_lightning_mlflow.server.records import RecordChecker
-from fl_lightning_mlflow.server.recovery import recover_workspace
 from fl_lightning_mlflow.server.round_timings import RoundTimings, update_bytes
+from fl_lightning_mlflow.server.site_stream import SiteStream
 from fl_lightning_mlflow.server.summary import FederationSummary
-from fl_lightning_mlflow.server.tracking_uri import TrackingConfigError, check_server, check_tracking_uri, redact_uri
-
-METRIC_TYPES = (AnalyticsDataType.METRICS, AnalyticsDataType.METRIC, AnalyticsDataType.SCALAR)
-ROUND_MODELS_DIR = "mlflow_round_models"  # in the job's run folder: round models waiting for the writer
-TEXT_ITEMS = {AnalyticsDataType.PARAMETERS: "param", AnalyticsDataType.PARAMETER: "param",
-              AnalyticsDataType.TAGS: "tag", AnalyticsDataType.TAG: "tag"}  # fmt: skip
+from fl_lightning_mlflow.server.tracking_uri import TrackingConfigError, check_server, check_tracking_uri
 
 
 class FederatedMLflowTracker(MLflowReceiver):
@@ -68,7 +55,7 @@ class FederatedMLflowTracker(MLflowReceiver):
                  final_flush_timeout: float = 120.0, http_request_max_retries: int = 2, http_request_timeout: int = 10,
                  model_selector_id: str = "model_selector", journal_sync_seconds: float = 1.0,
                  recover_orphans: bool = True, log_models: str = "best_and_final",
-                 resume_from: dict | None = None):  # fmt: skip
+                 resume_from: dict | None = None, site_budget: dict | None = None):  # fmt: skip
         """Args are set in config_fed_server.json.
 
         tracking_uri: None or "" = sqlite mlflow.db in the server's job workspace; or
@@ -103,6 +90,8 @@ class FederatedMLflowTracker(MLflowReceiver):
         log_models: which rounds' global models become MLflow LoggedModels (server.model_policy):
             "best_and_final" (default), "every_round" or "every_k:<k>"; the best and the final are
             always logged, and registered with the aliases champion and final.
+        site_budget: what one site may stream (common.stream_budget): {"points_per_second": r,
+            "burst": b}; None: the default, {}: no budget. Points over it are counted as throttled.
         resume_from: set by flctl in a continuation job only: the dead job's plan
             (server.continuation): its runs go on instead of new ones being created.
         """
@@ -150,6 +139,8 @@ class FederatedMLflowTracker(MLflowReceiver):
         self.continuation = Continuation(resume_from) if resume_from else None
         # Problems go to the log without firing FLARE log events from inside an event handler.
         self.records = RecordChecker(warn=self.logger.warning)
+        self.stream = SiteStream(self.records, site_budget, warn=self.logger.warning)
+        self.stream.continuation = self.continuation
         self.summary = FederationSummary()
         self.delivery = DeliveryLedger()
         self.sink: MLflowSink | None = None
@@ -198,7 +189,7 @@ class FederatedMLflowTracker(MLflowReceiver):
             points = self.summary.close_round(fl_round) + self.round_timings.done()
             self.sink.metrics(PARENT, points, _now(), step=fl_round)
             self.sink.round_done(fl_round)  # in the journal's state: recovery names the last completed round
-            self._queue_round_model(fl_round)
+            self.round_weights = queue_round_model(self.sink, self.round_weights, fl_round, self.logger)
         elif event_type == AppEventType.GLOBAL_BEST_MODEL_AVAILABLE:
             value = fl_ctx.get_prop(AppConstants.VALIDATION_RESULT)
             if self.key_metric_mode == "min" and isinstance(value, (int, float)):
@@ -210,23 +201,6 @@ class FederatedMLflowTracker(MLflowReceiver):
                 self.summary.add_cross_site(*result)
         elif event_type == EventType.FATAL_SYSTEM_ERROR:
             self.summary.fail(fl_ctx.get_prop(FLContextKey.EVENT_DATA, "fatal system error"))
-
-    def _queue_round_model(self, fl_round) -> None:
-        """The weights copied at the round's start, saved beside the journal (the queue carries
-        the path, not megabytes) and queued after the round's metrics, which MLflow links to it."""
-        if not self.round_weights or self.round_weights[0] != fl_round or self.round_weights[1] is None:
-            return
-        import torch
-
-        folder = self.sink.run_dir / ROUND_MODELS_DIR
-        try:
-            folder.mkdir(exist_ok=True)
-            path = folder / f"round_{fl_round}.pt"
-            torch.save({k: torch.as_tensor(v) for k, v in self.round_weights[1].items()}, path)
-            self.sink.round_model(path, fl_round)
-        except Exception as e:  # noqa: BLE001 - a round's model is optional; training and tracking go on
-            self.logger.warning(f"MLflow: round {fl_round}'s global model not logged: {type(e).__name__}: {e}")
-        self.round_weights = None
 
     # ----- start ----------------------------------------------------------------------------
     def _tracking_server_accepts(self, fl_ctx: FLContext) -> bool:
@@ -241,70 +215,11 @@ class FederatedMLflowTracker(MLflowReceiver):
         return True
 
     def initialize(self, fl_ctx: FLContext):
-        for name, value in self.http_defaults.items():
-            os.environ.setdefault(name, value)
-        workspace, job_id, engine = fl_ctx.get_workspace(), fl_ctx.get_job_id(), fl_ctx.get_engine()
-        self.app_dir = Path(workspace.get_app_dir(job_id))
-        result_root = Path(workspace.get_result_root(job_id))
-        uri = self.tracking_uri or f"sqlite:///{(result_root / 'mlflow.db').resolve()}"
-        # With a database store, keep artifacts beside it; a tracking server has its own store.
-        artifacts = None if uri.startswith("http") else (result_root / "mlflow_artifacts").resolve().as_uri()
-        if self.requested_artifacts:  # FLARE's receiver argument: a URI, or a path (relative: the job's run folder)
-            given = self.requested_artifacts
-            path = Path(workspace.get_run_dir(job_id)) / given if not Path(given).is_absolute() else Path(given)
-            artifacts = given if "://" in given else path.resolve().as_uri()
-        selector = engine.get_component(self.model_selector_id)
-        modes = dict(self.metric_modes)
-        if isinstance(selector, IntimeModelSelector):  # weigh the round means exactly as it does
-            self.key_metric_mode = modes[selector.key_metric] = mode_of(selector)
-            self.key_metric_name = selector.key_metric
-            self.summary = FederationSummary(
-                None, selector.weigh_by_local_iter, selector.aggregation_weights, metric_modes=modes
-            )
-        else:
-            self.summary = FederationSummary(metric_modes=modes)
-        self._use_persistor_model(engine)
-        self.summary.num_rounds = self.fl_params.get("num_rounds")
-        meta = fl_ctx.get_prop(ReservedKey.JOB_META) or {}
-        job_name = self.kw_args.get("run_name") or meta.get("name") or self.experiment_name
-        self.sink = MLflowSink(
-            uri, workspace.get_run_dir(job_id), self.experiment_name, self.models,
-            experiment_tags=self.kw_args.get("experiment_tags"), run_tags=self.kw_args.get("run_tags"),
-            description=self.description, promote_params=self.promote_params, logger=self.logger,
-            requested_artifacts=bool(self.requested_artifacts), **self.queue_args,
-            resume=self.continuation.sink_state() if self.continuation else None,
-        )  # fmt: skip
-        sites = sorted(c.name for c in engine.get_clients())
-        self.sink.start(job_name, job_id, sites, {"job_name": meta.get("name") or job_name}, self.fl_params, artifacts)
-        if self.continuation:  # the dead job's runs go on (server.continuation)
-            self.continuation.start(self.sink, self.summary, self.app_dir, job_id, sites)
-        where = redact_uri(uri) if not uri.startswith("sqlite") else uri.replace("sqlite:///", "", 1)
-        self.log_info(fl_ctx, f"MLflow tracking to {where}, experiment {self.experiment_name!r}")
+        start_job(self, fl_ctx)  # server.job_start: the sink, the run tree, the summary's weights
         self.tracking = True
-        if self.recover_orphans:
-            own = Path(workspace.get_run_dir(job_id))
-            threading.Thread(target=self._recover, args=(Path(workspace.get_root_dir()), own), daemon=True).start()
 
-    def _use_persistor_model(self, engine) -> None:
-        """The persistor's model (built from the job's module spec) is what the logged models copy."""
-        persistor = engine.get_component(self.persistor_id)
-        model = getattr(persistor, "model", None)
-        if isinstance(model, str):  # a component id (e.g. FedOpt's shared "model" component)
-            model = engine.get_component(model)
-        if model is None:
-            self.logger.warning(f"MLflow: no model in component {self.persistor_id!r}; global models are not logged")
-            return
-        self.models.use_model(model)
-
-    def _recover(self, server_workspace: Path, own_run_dir: Path) -> None:
-        """Earlier jobs of this FL server that died with their tracking unfinished (off FLARE's
-        threads: this job does not wait for it)."""
-        try:
-            for run_dir, result in recover_workspace(server_workspace, exclude=own_run_dir, logger=self.logger):
-                if isinstance(result, str):
-                    self.logger.info(f"recovery: {run_dir}: {result}")
-        except Exception as e:  # noqa: BLE001 - recovery is a service to earlier jobs; never this job's failure
-            self.logger.error(f"recovery: {type(e).__name__}: {e}")
+    def _recover(self, server_workspace, own_run_dir) -> None:
+        recover_earlier_jobs(self.logger, server_workspace, own_run_dir)  # server.job_start starts it in a thread
 
     # ----- streamed site data (called by the base class under its save lock) --------------------
     def save(self, fl_ctx: FLContext, shareable: Shareable, record_origin: str):
@@ -316,82 +231,13 @@ class FederatedMLflowTracker(MLflowReceiver):
             return
         if data is None or not self.tracking:
             return
-        self.sink.add_site(site)
-        kind = data.data_type
-        values = data.value if isinstance(data.value, dict) else {data.tag: data.value}
-        if (data.kwargs or {}).get(RECORD_KWARG) == DATASETS and kind in TEXT_ITEMS:  # a site's dataset inputs
-            self.sink.datasets(site, self.records.datasets(site, data.value))
-        elif kind in METRIC_TYPES:
-            records = (data.kwargs or {}).get(RECORDS_KWARG)  # FlareLogger's batch: [[step, round, values], ...]
-            if not isinstance(records, list):
-                records = [[data.step, None, values]]
-            points = self.records.metrics(site, records)
-            self.sink.metrics(site, self.continuation.shift(site, points) if self.continuation else points, _now())
-        elif kind in TEXT_ITEMS:
-            item = TEXT_ITEMS[kind]
-            accepted = self.records.texts(site, item, values)
-            if item == "param":
-                self.sink.site_params(site, accepted)
-            else:
-                self.sink.tags(site, accepted)
-        elif kind == AnalyticsDataType.TEXT and data.path:
-            self.sink.text(site, data.value, data.path)
-        else:
-            self.records.unsupported(site, kind)
+        self.stream.take(site, data)
 
     # ----- end ----------------------------------------------------------------------------------
     def finalize(self, fl_ctx: FLContext):
         with self._lock:
             self.tracking = False
-        try:
-            status, failure, site_status = self.summary.outcome(self.sink.sites)
-        except Exception as e:  # noqa: BLE001 - the runs must still end, with a status that says it
-            status, failure, site_status = "FAILED", f"tracker could not sum up the job: {type(e).__name__}: {e}", {}
-        try:
-            points, rows = self.summary.cross_site()
-            self.sink.cross_site(points, rows, _now())
-        except Exception as e:  # noqa: BLE001 - the matrix is optional; the runs' ends and stats file are not
-            self.logger.warning(f"MLflow: no cross-site table: {type(e).__name__}: {e}")
-        # Delivery on the parent run: no site data comes in any more, so once the queue has drained
-        # what MLflow wrote per site is final. One flush budget for this wait and finish's together.
-        deadline = time.monotonic() + self.final_flush_timeout
-        try:
-            drained = self.sink.queue.drain(self.final_flush_timeout)
-            self.sink.metrics(PARENT, self.delivery.metrics(self._delivery_table()), _now(), step=0)
-        except Exception as e:  # noqa: BLE001 - the runs' ends and the stats file must still follow
-            drained = False
-            self.logger.warning(f"delivery: could not log the account on the parent run: {type(e).__name__}: {e}")
-        left = max(0.0, deadline - time.monotonic())
-        if drained:  # MLflow keeps up: the models and run ends still get a fair chance to be written
-            left = max(left, min(30.0, self.final_flush_timeout))
-        rounds_done = None if self.sink.last_round is None else self.sink.last_round + 1
-        models = (self.app_dir / "FL_global_model.pt", self.app_dir / "best_FL_global_model.pt", self.summary.best,
-                  rounds_done)  # fmt: skip
-        lost = self.sink.finish(status, failure, site_status, models, left)
-        # The final delivery account (after finish: what the last wait still wrote counts) goes
-        # into the stats file with the rest, in the one write.
-        try:
-            table = self._delivery_table()
-        except Exception as e:  # noqa: BLE001 - an account that cannot be made is said, not raised
-            self.log_warning(fl_ctx, f"delivery: no account: {type(e).__name__}: {e}")
-            table = None
-        extra = {DELIVERY_STATS_KEY: table} if table is not None else {}
-        if self.models.aliases:
-            extra[REGISTERED_MODEL_STATS_KEY] = self.models.registered()
-        if self.summary.best is not None:  # what flctl prints as the best model
-            best_round, best_value = self.summary.best
-            extra[BEST_MODEL_STATS_KEY] = {"round": best_round, "key_metric": self.key_metric_name,
-                                           "value": best_value, "mode": self.key_metric_mode}  # fmt: skip
-        complete, message = self.sink.report(status, failure, lost, self.records, self.timings, extra)
-        (self.log_info if complete else self.log_error)(fl_ctx, message)
-        if table is not None:
-            (self.log_info if self.delivery.complete(table) else self.log_warning)(fl_ctx, self.delivery.message(table))
-
-    def _delivery_table(self) -> dict:
-        queue = self.sink.queue
-        return self.delivery.table(
-            self.records.received, queue.written_by_run, queue.refused_by_run, self.records.rejected_items
-        )
+        end_job(self, fl_ctx)
 
 
 def _now() -> int:
