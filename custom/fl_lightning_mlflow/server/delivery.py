@@ -14,6 +14,9 @@ good (the write queue's per-run counters; a site's run key is its name), per sit
   lost      sent - written - refused - rejected, never below 0
   in_flight sent - received - rejected: never reached the server (events lost on the way, or
             still in flight when the server stopped listening)
+  withheld  what the site's own disclosure policy kept on the site (common.protocol.HELD_COUNTS_META,
+            one column per outbound rule in HELD_COLUMNS): never sent, so outside the balance above;
+            None for a site that reported no such counts
 
 Points a site sends after its last task result (e.g. logs during cross-site validation) are in
 no report: they make written exceed sent, and only the site's END_RUN log line counts them.
@@ -22,9 +25,9 @@ Pure Python: no FLARE, no MLflow.
 
 from collections.abc import Mapping
 
-from fl_lightning_mlflow.common.protocol import DELIVERY_METRIC_PREFIX, SENT_KINDS, check_key
+from fl_lightning_mlflow.common.protocol import DELIVERY_METRIC_PREFIX, HELD_COLUMNS, HELD_KINDS, SENT_KINDS, check_key
 
-COLUMNS = ("sent", "received", "rejected", "written", "refused", "lost", "in_flight")
+COLUMNS = ("sent", "received", "rejected", "written", "refused", "lost", "in_flight", *HELD_COLUMNS)
 
 
 def _count(value) -> int | None:
@@ -40,6 +43,7 @@ def _count(value) -> int | None:
 class DeliveryLedger:
     def __init__(self):
         self.sent: dict = {}  # site -> {kind: count}, the largest count each kind reached
+        self.held: dict = {}  # site -> {column: {kind: count}}: what its outbound rules held back
 
     def report(self, site, counts) -> bool:
         """A site's cumulative counts from one task result; False (ignored) if malformed.
@@ -52,6 +56,22 @@ class DeliveryLedger:
         known = self.sent.setdefault(site, dict.fromkeys(SENT_KINDS, 0))
         for kind, n in clean.items():
             known[kind] = max(known[kind], n)
+        return True
+
+    def report_held(self, site, held) -> bool:
+        """A site's cumulative held counts {column: {kind: count}} from one task result; False
+        (ignored) if malformed. Columns other than HELD_COLUMNS are ignored; largest count wins."""
+        if not isinstance(site, str) or not site or not isinstance(held, Mapping):
+            return False
+        clean = {c: held[c] for c in HELD_COLUMNS if isinstance(held.get(c), Mapping)}
+        if not clean or any(_count(n) is None or isinstance(n, Mapping) for c in clean.values() for n in c.values()):
+            return False
+        known = self.held.setdefault(site, {})
+        for column, counts in clean.items():
+            kinds = known.setdefault(column, dict.fromkeys(HELD_KINDS, 0))
+            for kind, n in counts.items():
+                if kind in HELD_KINDS:
+                    kinds[kind] = max(kinds[kind], n)
         return True
 
     def table(
@@ -83,6 +103,11 @@ class DeliveryLedger:
                 "lost": None if sent is None or done is None else max(0, sent - done - no - bad),
                 "in_flight": None if sent is None else max(0, sent - got - bad),
             }
+            for column in HELD_COLUMNS:
+                held = self.held.get(site, {}).get(column)
+                row[column] = None if held is None else sum(held.values())
+                if held is not None:
+                    row[f"{column}_by_kind"] = dict(held)
             if site in self.sent:
                 row["sent_by_kind"] = dict(self.sent[site])
             row["received_by_kind"] = dict(received.get(site, {}))
@@ -105,6 +130,7 @@ class DeliveryLedger:
             written = "? (not counted per run by the write queue)" if row["written"] is None else row["written"]
             if not row["lost"]:
                 part = f"{site} sent {sent}, written {written}"
+                part += held_text(row)
                 if row["sent"] is None:
                     part += " (no task result reported its counts)"
                 elif row["written"] is not None and row["written"] > row["sent"]:
@@ -114,6 +140,7 @@ class DeliveryLedger:
                     f"{site} sent {sent}, received {row['received']}, rejected {row['rejected']}, "
                     f"written {written}, refused {row['refused']}, lost {row['lost']}"
                 )
+                part += held_text(row)
                 if row["in_flight"]:
                     part += f" ({row['in_flight']} never reached the server: events lost on the way or still in flight)"
             parts.append(part)
@@ -126,6 +153,16 @@ class DeliveryLedger:
         for site, row in table.items():
             for column in COLUMNS:
                 name = f"{DELIVERY_METRIC_PREFIX}{site}/{column}"
-                if row[column] is not None and check_key(name) is None:
+                if row.get(column) is not None and check_key(name) is None:
                     points.append((name, float(row[column])))
+            for column in HELD_COLUMNS:  # and by kind, where something was held: delivery/<site>/withheld/<kind>
+                for kind, n in (row.get(f"{column}_by_kind") or {}).items():
+                    name = f"{DELIVERY_METRIC_PREFIX}{site}/{column}/{kind}"
+                    if n and check_key(name) is None:
+                        points.append((name, float(n)))
         return points
+
+
+def held_text(row: dict) -> str:
+    """ ", withheld 12" for each held column with a count (what the site's own rules kept back)."""
+    return "".join(f", {column} {row[column]}" for column in HELD_COLUMNS if row.get(column))
