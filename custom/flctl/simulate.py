@@ -11,12 +11,17 @@ DataModule's test loader), the best round by the key metric, where the MLflow da
 to view it. The CIFAR-10 split is prepared only for jobs that train the CIFAR-10 example's
 DataModule; any other DataModule prepares its own data (its prepare_data, as Lightning's).
 Each run gets its own folder WORKSPACE/runs/<time>; WORKSPACE/latest points to it.
+--site-policy SITE=FILE gives a site its disclosure policy (docs/site-policy.md), checked first and
+placed where the simulator's site reads it: the simulator workspace's local/ folder, which every
+site copies, as disclosure_policy.SITE.json.
 """
 
+import argparse
 import os
 import queue
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -183,6 +188,28 @@ def job_settings(sites, rounds, epochs, data_root, tracking_uri=None, experiment
     return {**settings, **(extra or {})}
 
 
+def place_policies(sim_ws: Path, site_policies: dict | None) -> None:
+    """Each {site: policy file} checked and copied to sim_ws/local/disclosure_policy.<site>.json."""
+    from flctl.policy import check
+
+    for site, path in (site_policies or {}).items():
+        _, problems = check(path)
+        if problems:
+            more = f" (and {len(problems) - 1} more: flctl policy check {path})" if len(problems) > 1 else ""
+            raise CliError(f"{site}'s policy: {problems[0]}{more}")
+        local = sim_ws / "local"
+        local.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(path).expanduser(), local / f"disclosure_policy.{site}.json")
+
+
+def site_policy(text: str) -> tuple:
+    """--site-policy SITE=FILE as (site, file)."""
+    site, _, path = text.partition("=")
+    if not site or not path:
+        raise argparse.ArgumentTypeError(f"must be SITE=FILE, got {text!r}")
+    return site, path
+
+
 def simulate(
     job="hello-lightning-mlflow",
     workspace="/tmp/nvflare/hello-lightning-mlflow",
@@ -205,6 +232,7 @@ def simulate(
     show=PROGRESS,
     env=None,
     timeout=None,
+    site_policies=None,
 ) -> Simulation:
     """The whole run; CliError on a failure before the simulator starts or a failed run."""
     job_src = resolve_job(job)
@@ -230,6 +258,7 @@ def simulate(
         verdict = f"the job has the problem(s) above; nothing was started (job copy: {job_copy})"
         say(f"check: {job_copy} is fine ({check_or_fail(job_copy, sites, None, verdict=verdict)})")
     sim_ws = run_dir / "simulator"
+    place_policies(sim_ws, site_policies)
     log_path = run_dir / "simulator.log"
     say(f"running: nvflare simulator {job_copy} -n {sites} -t {threads or sites} -w {sim_ws}")
     say(f"(log: {log_path})")
@@ -307,6 +336,8 @@ def register(subparsers) -> None:
     p.add_argument("--experiment", help="MLflow experiment name (default: the job's)")
     p.add_argument("--threads", type=positive_int, help="sites the simulator runs at once (default: all)")
     p.add_argument("--gpu", help="GPU ids for the simulator's -gpu option, e.g. 0")
+    p.add_argument("--site-policy", type=site_policy, action="append", metavar="SITE=FILE",
+                   help="a site's disclosure policy (JSON; repeat per site; see flctl policy)")  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -326,6 +357,7 @@ def run(args) -> int:
         args.experiment,
         args.threads,
         args.gpu,
+        site_policies=dict(args.site_policy or []),
     )
     what = f"{sim.job.name}, {args.sites} sites x {args.rounds} rounds x {args.epochs} epoch(s)"
     report(sim, args.tracking_uri, started, what)
