@@ -54,9 +54,12 @@ class Rule:
 
 
 class OutboundGate:
-    def __init__(self, rules=()):
+    def __init__(self, rules=(), columns=()):
+        """columns: counted (as 0) even before a rule of theirs is added: a site without a policy
+        reports "withheld 0", not nothing."""
         self.rules: list = []
-        self.held: dict = {}  # column -> Counter(kind -> count), cumulative since the job started
+        # column -> Counter(kind -> count), cumulative since the job started
+        self.held: dict = {column: collections.Counter() for column in columns}
         # The system sampler's thread passes the gate beside the task's: one at a time.
         self._lock = threading.Lock()
         for rule in rules:

@@ -24,6 +24,7 @@ from nvflare.apis.utils.analytix_utils import create_analytic_dxo, send_analytic
 from fl_lightning_mlflow.common.protocol import (
     ANALYTIC_EVENT_TYPE,
     DATASETS,
+    HELD_COLUMNS,
     METRICS_BATCH,
     PARAMS,
     POLICY_DIGEST_TAG,
@@ -55,7 +56,8 @@ class SiteTelemetry:
         self.sent = SentCounter()  # what this site handed to FLARE for the server, since the job started
         self.sampler: SystemSampler | None = None
         self.datasets_sent = False
-        self.gate = OutboundGate()  # what may leave the site (use_policy adds the site's disclosure rule)
+        # What may leave the site; use_policy adds the site's disclosure rule.
+        self.gate = OutboundGate(columns=HELD_COLUMNS)
         self.policy: Policy | None = None
         self.policy_rule: DisclosureRule | None = None
         self.policy_announced = False
