@@ -1,4 +1,4 @@
-"""A site's disclosure policy in the FLARE simulator (issue 25's "Done when"): site-1 has a policy
+"""A site's disclosure policy in the FLARE simulator and in POC (issue 25's "Done when"): site-1 has a policy
 in its local/ folder that lets out only loss metrics, dataset counts without histograms and no
 system metrics; site-2 has none. site-1's run holds exactly the allowed keys, site-2's is as
 without a policy, the delivery account balances for both with the withheld counts beside it,
@@ -34,12 +34,8 @@ LET_ALL_OUT = {"name": "the job's own", "datasets": {"disclose": "full"}, "syste
 SITE_1_METRICS = {"train_loss_step", "train_loss_epoch", "val_loss", "global_val_loss"}
 
 
-@pytest.fixture(scope="module")
-def policy_run(offline_data, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("policy")
-    policy = folder / "site-1-policy.json"
-    policy.write_text(json.dumps(POLICY, indent=2))
-    # The job tries to switch the policy off: policy files of its own wherever a job can put them.
+def job_with_its_own_policies(folder):
+    """The job, trying to switch the policy off: looser policy files wherever a job can put them."""
     job = folder / "hello-lightning-mlflow"
     shutil.copytree(JOB, job, ignore=shutil.ignore_patterns("__pycache__"))
     places = ("app/config/disclosure_policy.json", "app/custom/disclosure_policy.site-1.json",
@@ -47,6 +43,19 @@ def policy_run(offline_data, tmp_path_factory):
     for place in places:
         (job / place).parent.mkdir(parents=True, exist_ok=True)
         (job / place).write_text(json.dumps(LET_ALL_OUT))
+    return job
+
+
+def policy_file(folder):
+    policy = folder / "site-1-policy.json"
+    policy.write_text(json.dumps(POLICY, indent=2))
+    return policy
+
+
+@pytest.fixture(scope="module")
+def policy_run(offline_data, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("policy")
+    policy, job = policy_file(folder), job_with_its_own_policies(folder)
     run = simulate(
         job,
         folder / "workspace",
@@ -135,3 +144,36 @@ def test_what_site_1_withheld_is_not_on_the_parent_run_either(policy_run):
     assert "global_val_acc/site-2" in metrics
     cross_site = [k for k in metrics if k.startswith("cross_site/") and k.split("/")[-2] == "site-1"]
     assert cross_site and all(k.endswith("/val_loss") for k in cross_site)
+
+
+def test_in_poc_the_policy_in_site_1s_own_folder_does_the_same(offline_data, tmp_path):
+    """POC: real site processes, the policy placed in site-1's folder of the POC workspace."""
+    from flctl.poc import Poc
+
+    policy = policy_file(tmp_path)
+    poc = Poc(tmp_path / "poc", sites=2, job=job_with_its_own_policies(tmp_path), rounds=ROUNDS, offline=True,
+              data_root=offline_data, timeout=900, say=print, site_policies={"site-1": policy})  # fmt: skip
+    try:
+        poc.prepare()
+        assert (poc.prod / "site-1/local/disclosure_policy.json").read_text() == policy.read_text()
+        assert not (poc.prod / "site-2/local/disclosure_policy.json").exists()
+        poc.start()
+        poc.submit()
+        poc.wait()
+        poc.download()
+    finally:
+        poc.stop(quiet=True)
+    job_id = poc.resolve_job_id()
+    site_log = (poc.prod / "site-1" / job_id / "log.txt").read_text()
+    assert f"site-1: disclosure policy '{POLICY['name']}' ({read_policy(policy).digest}) from " in site_log
+    server = poc.workspace / "results" / job_id / "workspace"
+    client, _, children = tracked_runs(server)
+    site_1, site_2 = (client.get_run(children[site].info.run_id) for site in ("site-1", "site-2"))
+    assert set(site_1.data.metrics) == SITE_1_METRICS
+    assert site_1.data.tags[POLICY_DIGEST_TAG] == read_policy(policy).digest
+    assert {"val_acc", "global_val_acc", "system/cpu_utilization_percentage"} <= set(site_2.data.metrics)
+    assert all(json.loads(d.dataset.profile)["label_histogram"] == {} for d in site_1.inputs.dataset_inputs)
+    delivery = json.loads((server / STATS_FILE).read_text())["delivery"]
+    for site, row in delivery.items():
+        assert row["sent"] == row["received"] == row["written"] > 0 and row["lost"] == 0, (site, row)
+    assert delivery["site-1"]["withheld_by_kind"]["metric"] > 0 and delivery["site-2"]["withheld"] == 0

@@ -10,8 +10,11 @@ line per problem on stderr (exit 1). The site reads its policy from its own loca
 <workspace>/local/disclosure_policy.<site>.json (flctl simulate --site-policy SITE=FILE puts it there).
 """
 
+import argparse
 import json
+import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from fl_lightning_mlflow.site.disclosure_policy import PolicyError, build, load_json, problems_of, starting_policy
@@ -63,6 +66,28 @@ def summary(policy, path) -> str:
 def names(rule) -> str:
     allow = "all" if rule.allow == ("*",) else ", ".join(rule.allow) or "none"
     return allow + (f" except {', '.join(rule.deny)}" if rule.deny else "")
+
+
+def place(site_policies: dict | None, target: Callable[[str], Path]) -> None:
+    """Each {site: policy file} checked, then copied to target(site): the file that site reads
+    (its local/ folder). CliError with the first problem of a bad one, before anything is copied."""
+    for site, path in (site_policies or {}).items():
+        _, problems = check(path)
+        if problems:
+            more = f" (and {len(problems) - 1} more: flctl policy check {path})" if len(problems) > 1 else ""
+            raise CliError(f"{site}'s policy: {problems[0]}{more}")
+    for site, path in (site_policies or {}).items():
+        dest = target(site)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(path).expanduser(), dest)
+
+
+def site_policy(text: str) -> tuple:
+    """--site-policy SITE=FILE as (site, file)."""
+    site, _, path = text.partition("=")
+    if not site or not path:
+        raise argparse.ArgumentTypeError(f"must be SITE=FILE, got {text!r}")
+    return site, path
 
 
 def register(subparsers) -> None:

@@ -16,12 +16,10 @@ placed where the simulator's site reads it: the simulator workspace's local/ fol
 site copies, as disclosure_policy.SITE.json.
 """
 
-import argparse
 import os
 import queue
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import threading
@@ -36,6 +34,7 @@ from flctl.check_job import check_or_fail
 from flctl.configure import JobConfigError, configure_job
 from flctl.errors import DEFAULT_JOB, CliError, default_data_root, positive_int, resolve_job
 from flctl.outcome import Outcome, judge
+from flctl.policy import site_policy as policy_arg
 from flctl.processes import end_group
 
 # Shown while the simulator runs (display only: the verdict comes from flctl.outcome).
@@ -189,25 +188,11 @@ def job_settings(sites, rounds, epochs, data_root, tracking_uri=None, experiment
 
 
 def place_policies(sim_ws: Path, site_policies: dict | None) -> None:
-    """Each {site: policy file} checked and copied to sim_ws/local/disclosure_policy.<site>.json."""
-    from flctl.policy import check
+    """Each {site: policy file} checked and copied to sim_ws/local/disclosure_policy.<site>.json:
+    every simulated site copies the workspace's local/ folder, so each file is named per site."""
+    from flctl.policy import place
 
-    for site, path in (site_policies or {}).items():
-        _, problems = check(path)
-        if problems:
-            more = f" (and {len(problems) - 1} more: flctl policy check {path})" if len(problems) > 1 else ""
-            raise CliError(f"{site}'s policy: {problems[0]}{more}")
-        local = sim_ws / "local"
-        local.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(Path(path).expanduser(), local / f"disclosure_policy.{site}.json")
-
-
-def site_policy(text: str) -> tuple:
-    """--site-policy SITE=FILE as (site, file)."""
-    site, _, path = text.partition("=")
-    if not site or not path:
-        raise argparse.ArgumentTypeError(f"must be SITE=FILE, got {text!r}")
-    return site, path
+    place(site_policies, lambda site: sim_ws / "local" / f"disclosure_policy.{site}.json")
 
 
 def simulate(
@@ -336,7 +321,7 @@ def register(subparsers) -> None:
     p.add_argument("--experiment", help="MLflow experiment name (default: the job's)")
     p.add_argument("--threads", type=positive_int, help="sites the simulator runs at once (default: all)")
     p.add_argument("--gpu", help="GPU ids for the simulator's -gpu option, e.g. 0")
-    p.add_argument("--site-policy", type=site_policy, action="append", metavar="SITE=FILE",
+    p.add_argument("--site-policy", type=policy_arg, action="append", metavar="SITE=FILE",
                    help="a site's disclosure policy (JSON; repeat per site; see flctl policy)")  # fmt: skip
     p.set_defaults(func=run)
 
