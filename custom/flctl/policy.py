@@ -82,6 +82,15 @@ def place(site_policies: dict | None, target: Callable[[str], Path]) -> None:
         shutil.copyfile(Path(path).expanduser(), dest)
 
 
+def leaked(metric_names, policy) -> list:
+    """The metric names on a site's MLflow run that its policy would have kept on the site (the
+    validation sample count aside: it is the site's to know)."""
+    from fl_lightning_mlflow.site.disclosure_rule import DisclosureRule
+
+    rule = DisclosureRule(policy, val_samples=sys.maxsize)
+    return sorted(name for name in metric_names if not rule.metrics({name: 0.0}))
+
+
 def site_policy(text: str) -> tuple:
     """--site-policy SITE=FILE as (site, file)."""
     site, _, path = text.partition("=")
