@@ -2,7 +2,7 @@
 # Rehearse a provisioned, TLS-secured deployment on this machine, one network namespace per host
 # (FL server, sites, admin, MLflow on PostgreSQL reachable from the FL server alone):
 #   scripts/rehearse_deployment.sh [--folder DIR] [--sites N] [--rounds R] [--epochs E]
-#     [--timeout S] [--no-compare] [--teardown] [--venv DIR]
+#     [--timeout S] [--no-compare] [--site-policy SITE=FILE] [--teardown] [--venv DIR]
 # All but --venv are `flctl rehearse`'s options (--help says more). Needs root.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"

@@ -159,3 +159,42 @@ def test_poc_start_can_be_told_to_leave_a_dead_servers_tracking_alone():
     args = build_parser().parse_args(["poc", "--no-recover", "start"])
     assert args.command == "start" and args.no_recover is True
     assert build_parser().parse_args(["poc", "start"]).no_recover is False  # recovery is the default
+
+
+def test_policy_init_writes_a_starting_policy_that_check_accepts(tmp_path, capsys):
+    path = tmp_path / "local" / "disclosure_policy.json"
+    assert main(["policy", "init", str(path), "--name", "site-1 v1"]) == 0
+    assert json.loads(path.read_text())["name"] == "site-1 v1"
+    assert main(["policy", "init", str(path)]) == 1  # never over an admin's edits unless told
+    assert capsys.readouterr().err == f"flctl policy: {path} exists; --force to replace it\n"
+    assert main(["policy", "check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{path}: policy 'site-1 v1' (") and "lets out metrics all;" in out
+
+
+def test_policy_check_prints_one_line_per_problem_naming_the_file(tmp_path, capsys):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"metrics": {"allow": "*loss*"}, "datasets": {"disclose": "some"}, "sytem": 1}))
+    assert main(["policy", "check", str(path)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3 and all(line.startswith(f"{path}: ") for line in err)
+    assert any("metrics.allow: must be a list of name patterns" in line for line in err)
+    path.write_text("{not json")
+    assert main(["policy", "check", str(path)]) == 1
+    assert capsys.readouterr().err.startswith(f"disclosure policy {path}: not JSON: ")
+
+
+def test_simulate_refuses_a_bad_site_policy_before_anything_starts(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["simulate", "--site-policy", "site-1"])
+    assert "argument --site-policy: must be SITE=FILE" in capsys.readouterr().err
+    from flctl.simulate import place_policies
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"system_metrics": "no"}))
+    with pytest.raises(Exception, match=r"site-1's policy: .*system_metrics: must be true or false"):
+        place_policies(tmp_path / "ws", {"site-1": bad})
+    good = tmp_path / "good.json"
+    good.write_text("{}")
+    place_policies(tmp_path / "ws", {"site-2": good})
+    assert (tmp_path / "ws" / "local" / "disclosure_policy.site-2.json").read_text() == "{}"

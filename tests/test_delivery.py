@@ -28,7 +28,7 @@ def test_an_exact_match_is_one_short_line():
     row = table["site-1"]
     assert row | {"sent_by_kind": None, "received_by_kind": None} == {
         **dict(sent=64, throttled=0, received=64, rejected=0, written=64, refused=0, lost=0, in_flight=0),
-        **dict(sent_by_kind=None, received_by_kind=None),
+        **dict(sent_by_kind=None, received_by_kind=None, withheld=None),  # no held counts reported
     }
     assert row["sent_by_kind"] == {"metric": 50, "param": 14, "tag": 0}
     metrics = dict(ledger.metrics(table))
@@ -143,3 +143,23 @@ def test_the_train_result_of_a_real_engine_run_carries_what_was_sent(kind, offli
     total = sink.points() + len(sink.params) + len(sink.tags)
     table = ledger.table({"site-1": {"metric": sink.points(), "param": 15, "tag": len(sink.tags)}}, {"site-1": total})
     assert ledger.complete(table) and table["site-1"]["sent"] == total
+
+
+def test_what_a_sites_policy_withheld_is_a_column_beside_the_balance_and_on_the_parent_run():
+    ledger = DeliveryLedger()
+    ledger.report("site-1", {"metric": 40, "param": 2, "tag": 2})
+    held = {"metric": 30, "param": 0, "tag": 0, "system": 12, "dataset": 2, "text": 0}
+    assert ledger.report_held("site-1", {"withheld": held, "unknown_rule": {"metric": 1}})
+    assert ledger.report_held("site-1", {"withheld": {**held, "metric": 10}})  # a late, smaller report
+    for bad in (None, {"withheld": {"metric": -1}}, {"withheld": 3}, {"other": {"metric": 1}}):
+        assert not ledger.report_held("site-1", bad)
+    ledger.report("site-2", {"metric": 50})
+    received = {"site-1": {"metric": 40, "param": 2, "tag": 2}, "site-2": {"metric": 50}}
+    table = ledger.table(received, {"site-1": 44, "site-2": 50}, {}, {})
+    assert ledger.complete(table)  # withheld was never sent: the account balances without it
+    assert table["site-1"]["withheld"] == 44 and table["site-1"]["withheld_by_kind"] == held
+    assert table["site-2"]["withheld"] is None  # it reported no held counts
+    assert ledger.message(table) == "delivery: site-1 sent 44, written 44, withheld 44; site-2 sent 50, written 50"
+    metrics = dict(ledger.metrics(table))
+    assert metrics["delivery/site-1/withheld"] == 44.0 and metrics["delivery/site-1/withheld/system"] == 12.0
+    assert "delivery/site-1/withheld/param" not in metrics and "delivery/site-2/withheld" not in metrics

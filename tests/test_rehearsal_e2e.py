@@ -8,6 +8,7 @@ reason. Hosts are the namespaces' own addresses (10.213.0.0/24, 10.213.1.0/30): 
 talks to the network outside this machine.
 """
 
+import json
 import os
 import shutil
 import tempfile
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from flctl import netns, rehearsal
+from test_site_policy_e2e import POLICY, SITE_1_METRICS
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +32,11 @@ def live(offline_data):
     folder = Path(tempfile.mkdtemp(prefix="flr-test-"))
     os.chmod(folder, 0o755)
     lines = []
-    r = rehearsal.Rehearsal(folder, sites=2, rounds=1, epochs=1, data_root=offline_data, timeout=1800, say=lines.append)
+    # site-1's admin puts a disclosure policy in its kit's local/ folder (issue 25); site-2 has none.
+    policy = folder / "site-1-policy.json"
+    policy.write_text(json.dumps(POLICY))
+    r = rehearsal.Rehearsal(folder, sites=2, rounds=1, epochs=1, data_root=offline_data, timeout=1800,
+                            say=lines.append, site_policies={"site-1": policy})  # fmt: skip
     try:
         r.up()
         r.run_job()
@@ -85,6 +91,17 @@ def test_member_cannot_submit(live):
 def test_tracking_uri_with_userinfo_refused(live):
     line = check(live[0], "user:password@ URI refused")
     assert "credentials file" in line
+
+
+def test_site_1s_policy_in_its_kit_holds(live):
+    r, _ = live
+    assert (r.prod / "site-1/local/disclosure_policy.json").is_file()
+    assert not (r.prod / "site-2/local/disclosure_policy.json").exists()
+    line = check(r, "site policies held")
+    assert line.startswith(f"site-1: {len(SITE_1_METRICS)} series (") and "all let out by" in line
+    runs = r.deployed_contents()["runs"]
+    assert set(runs["site-1"]["series"]) == SITE_1_METRICS
+    assert {"val_acc", "system/cpu_utilization_percentage"} <= set(runs["site-2"]["series"])
 
 
 def test_mlflow_tree_matches_simulator(live):

@@ -84,7 +84,8 @@ def test_the_server_drops_what_arrives_over_a_sites_budget_and_says_so_once():
 
 def test_the_delivery_account_has_a_throttled_column_and_loses_nothing_for_it():
     ledger = DeliveryLedger()
-    ledger.report("site-3", {"metric": 120, "param": 0, "tag": 0, "throttled": 1000})  # held back at the site
+    ledger.report("site-3", {"metric": 120, "param": 0, "tag": 0})
+    ledger.report_held("site-3", {"throttled": {"metric": 1000}})  # held back by the site's own budget
     table = ledger.table({"site-3": {"metric": 100}}, {"site-3": 100}, throttled={"site-3": 20})
     row = table["site-3"]
     assert (row["sent"], row["throttled"], row["written"], row["lost"], row["in_flight"]) == (120, 1020, 100, 0, 0)

@@ -1,7 +1,7 @@
 """flctl: the project's one command line.
 
     flctl prepare-data | configure | check | simulate | poc | mlflow-server | evaluate | contents | recover |
-    resume | screenshots | project | rehearse
+    resume | screenshots | project | rehearse | policy
 
 `flctl SUBCOMMAND --help` says more. A failure prints one line `flctl SUBCOMMAND: reason` on
 stderr and exits non-zero (2 for a wrong argument).
@@ -29,6 +29,7 @@ MODULES = (
     "flctl.screenshots",
     "flctl.project",
     "flctl.rehearsal",
+    "flctl.policy",
 )
 
 

@@ -20,6 +20,9 @@
   resume    after an FL server crash and `start`: the last job (or --job-id) goes on from its
             last global model into its own MLflow runs (flctl resume), then waits as `wait`
 
+--site-policy SITE=FILE (with prepare or run) checks a site's disclosure policy and places it in
+that site's own folder, .../prod_00/SITE/local/disclosure_policy.json (docs/site-policy.md).
+
 nvflare's CLI config, which nvflare writes to $HOME/.nvflare/config.conf, goes to
 WORKSPACE/home/.nvflare: HOME points there for every nvflare command, so ~/.nvflare is never
 touched. Credentials (--credentials FILE with MLFLOW_TRACKING_USERNAME=... and
@@ -35,6 +38,7 @@ import time
 from pathlib import Path
 
 from fl_lightning_mlflow.server.tracking_uri import USERINFO, redact_uri
+from fl_lightning_mlflow.site.disclosure_policy import POLICY_FILE
 from flctl import nvflare_cli, processes
 from flctl.check_job import check_or_fail, split_sites
 from flctl.configure import JobConfigError, configure_job
@@ -42,6 +46,7 @@ from flctl.errors import DEFAULT_JOB, CliError, default_data_root, resolve_job
 from flctl.job_store import ABORTED, end_zombie_jobs
 from flctl.mlflow_server import CREDENTIAL_VARS, read_env_file
 from flctl.outcome import MODEL_FILE, read_stats
+from flctl.policy import place as place_policies
 from flctl.recover import recover_tracking
 from flctl.simulate import ensure_data, job_settings, uses_cifar_data
 
@@ -85,6 +90,7 @@ class Poc:
         say=say,
         recover=True,
         experiment=None,
+        site_policies=None,
     ):
         self.workspace = Path(workspace).expanduser().resolve()
         self.sites, self.job_src, self.rounds, self.epochs = sites, resolve_job(job), rounds, epochs
@@ -93,6 +99,7 @@ class Poc:
         self.given_data_root = Path(data_root).expanduser().resolve() if data_root else None
         self.tracking_uri, self.credentials, self.timeout, self.job_id = tracking_uri, credentials, timeout, job_id
         self.say, self.recover, self.experiment = say, recover, experiment
+        self.site_policies = dict(site_policies or {})  # site -> disclosure policy file, placed by prepare
         self.poc_ws = self.workspace / "poc"
         self.prod = self.poc_ws / "example_project" / "prod_00"
         self.kit = self.prod / "admin@nvidia.com"
@@ -130,6 +137,8 @@ class Poc:
         if self.nvflare(["poc", "prepare", "-n", self.sites, "--force"], "prepare.log").returncode != 0:
             raise CliError(f"nvflare poc prepare failed; see {self.workspace / 'prepare.log'}")
         (self.workspace / "last_job_id").unlink(missing_ok=True)  # a job of the old workspace is not in this one
+        # After `poc prepare`, which recreates the sites' folders: each site's own local/ folder.
+        place_policies(self.site_policies, lambda site: self.prod / site / "local" / POLICY_FILE)
         self.say(
             f"poc: workspace for {self.sites} site(s) in {self.poc_ws} (nvflare CLI config: "
             f"{self.home}/.nvflare/config.conf)"

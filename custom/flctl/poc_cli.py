@@ -3,6 +3,7 @@
 from flctl import poc as poc_module
 from flctl.errors import DEFAULT_JOB, positive_int
 from flctl.poc import COMMANDS, Poc
+from flctl.policy import site_policy
 
 
 def register(subparsers) -> None:
@@ -19,6 +20,8 @@ def register(subparsers) -> None:
     p.add_argument("--credentials", help="MLFLOW_TRACKING_USERNAME=/PASSWORD= file, for the FL server only")
     p.add_argument("--timeout", type=positive_int, default=1800, help="seconds to wait for the job (default 1800)")
     p.add_argument("--job-id", help="job for wait/download (default: the last one submitted from this workspace)")
+    p.add_argument("--site-policy", type=site_policy, action="append", metavar="SITE=FILE",
+                   help="prepare, run: a site's disclosure policy (JSON; repeat per site; flctl policy)")  # fmt: skip
     p.add_argument("--no-recover", action="store_true", help="start: leave unfinished tracking of a dead server's jobs")
     p.set_defaults(func=run)
 
@@ -37,6 +40,7 @@ def run(args) -> int:
         args.timeout,
         args.job_id,
         recover=not args.no_recover,
+        site_policies=dict(args.site_policy or []),
     )
     getattr(poc, args.command)()
     return 0

@@ -1,6 +1,7 @@
 """Rehearse a provisioned, TLS-secured deployment on one machine, each host in its own network namespace.
 
     flctl rehearse [--folder DIR] [--sites N] [--rounds R] [--epochs E] [--timeout S] [--no-compare]
+                   [--site-policy SITE=FILE ...]
     flctl rehearse --teardown      # end what a killed run left: flr-* namespaces, their processes
 
 Hosts (namespaces flr-*, see flctl/netns.py): the FL server (flserver.rehearsal, 10.213.0.1),
@@ -9,7 +10,8 @@ server (mlflow.rehearsal, 10.213.1.2) on a link to the FL server alone. In order
 
   1. `flctl project` writes project.yml (server, sites, a project admin, a member) and
      `nvflare provision` builds the startup kits; a second project, another root CA, gives
-     the rogue site's kit for the security checks
+     the rogue site's kit for the security checks; a --site-policy goes into that site's kit,
+     <kit>/local/disclosure_policy.json, where its site admin would put it (docs/site-policy.md)
   2. the tracking host: PostgreSQL (Debian's packages, run as the postgres user, data in
      DIR/tracking) and `mlflow server` with basic auth on it, serving its own artifacts
   3. the FL server and the sites start from their kits in their namespaces (the server alone
@@ -33,10 +35,15 @@ import threading
 import time
 from pathlib import Path
 
+from fl_lightning_mlflow.common.protocol import POLICY_DIGEST_TAG
+from fl_lightning_mlflow.site.disclosure_policy import POLICY_FILE, read_policy
 from flctl import netns, processes
 from flctl.errors import DEFAULT_JOB, CliError, default_data_root, positive_int
 from flctl.mlflow_server import CREDENTIAL_VARS, MlflowServer, read_env_file, write_secret
+from flctl.outcome import read_stats
 from flctl.poc import Poc
+from flctl.policy import leaked, site_policy
+from flctl.policy import place as place_policies
 from flctl.project import provision, write_project
 
 SERVER_HOST = "flserver.rehearsal"
@@ -125,8 +132,10 @@ class Rehearsal:
         data_root=None,
         timeout=1800,
         say=say,
+        site_policies=None,
     ):
         self.folder = Path(folder).expanduser().resolve()
+        self.site_policies = dict(site_policies or {})  # site -> disclosure policy file, into its kit
         self.sites, self.rounds, self.epochs, self.timeout, self.say = sites, rounds, epochs, timeout, say
         self.data_root = default_data_root(data_root, True)
         self.tracking = self.folder / "tracking"
@@ -181,6 +190,7 @@ class Rehearsal:
         project = write_project(description(self.sites), self.folder / "project" / "project.yml")
         self.prod = provision(project, self.folder / "kits")
         self.say(f"rehearse: startup kits in {self.prod} (project.yml: {project})")
+        place_policies(self.site_policies, lambda site: self.prod / site / "local" / POLICY_FILE)
         # Another provisioning, another root CA: what a stranger's kit looks like.
         rogue = description(1, name="rogue")
         rogue["sites"] = [{"name": "site-1", "org": "hospital_a"}]
@@ -408,6 +418,7 @@ class Rehearsal:
             evaluate=False,
             say=lambda m: None,
             show=None,
+            site_policies=self.site_policies,  # the same sites' policies: the same tree expected
         )
         return contents(f"sqlite:///{sim.server_dir / 'mlflow.db'}", EXPERIMENT)
 
@@ -598,6 +609,29 @@ def check_userinfo_refused(r: Rehearsal) -> tuple:
     return False, f"a URI with user:password@ was submitted as job {deployment.job_id}"
 
 
+def check_site_policies(r: Rehearsal) -> tuple:
+    """Each site's run holds only what its kit's policy lets out, says which policy, and the
+    delivery account balances with the withheld counts beside it."""
+    if not r.site_policies:
+        return True, "no site policy given"
+    runs = r.deployed_contents()["runs"]
+    delivery = (read_stats(Path(r.report["result"])) or {}).get("delivery", {})
+    ok, parts = True, []
+    for site, path in sorted(r.site_policies.items()):
+        policy, run, row = read_policy(path), runs.get(site, {}), delivery.get(site, {})
+        bad = leaked(run.get("series", {}), policy)
+        held = {k: n for k, n in (row.get("withheld_by_kind") or {}).items() if n}
+        balanced = row.get("sent") == row.get("written") and not row.get("lost")
+        ok = ok and not bad and POLICY_DIGEST_TAG in run.get("tags", []) and balanced and bool(held)
+        parts.append(
+            f"{site}: {len(run.get('series', {}))} series ({', '.join(run.get('series', {}))}), "
+            + (f"{len(bad)} its policy keeps: {', '.join(bad)}" if bad else f"all let out by {policy.name!r}")
+            + f" ({policy.digest}); withheld {row.get('withheld')} {held}; sent {row.get('sent')}, "
+            f"written {row.get('written')}, lost {row.get('lost')}"
+        )
+    return ok, "; ".join(parts)
+
+
 CHECKS = {
     "site cannot reach tracking": check_site_cannot_reach_tracking,
     "credentials only on the FL server": check_credentials_only_on_server,
@@ -605,12 +639,13 @@ CHECKS = {
     "site of another CA refused": check_rogue_site_refused,
     "member cannot submit": check_member_cannot_submit,
     "user:password@ URI refused": check_userinfo_refused,
+    "site policies held": check_site_policies,
 }
 
 
-def rehearse(folder, sites, rounds, epochs, timeout, compare=True, say=say) -> dict:
+def rehearse(folder, sites, rounds, epochs, timeout, compare=True, say=say, site_policies=None) -> dict:
     started = time.monotonic()
-    r = Rehearsal(folder, sites, rounds, epochs, timeout=timeout, say=say)
+    r = Rehearsal(folder, sites, rounds, epochs, timeout=timeout, say=say, site_policies=site_policies)
     failed = []
     try:
         r.up()
@@ -653,6 +688,8 @@ def register(subparsers) -> None:
     p.add_argument("--timeout", type=positive_int, default=1800, help="seconds to wait for the job (default 1800)")
     p.add_argument("--no-compare", action="store_true", help="skip the simulator run and the comparison")
     p.add_argument("--teardown", action="store_true", help="only end what an earlier, killed run left")
+    p.add_argument("--site-policy", type=site_policy, action="append", metavar="SITE=FILE",
+                   help="a site's disclosure policy, placed in its kit's local/ folder (repeat per site)")  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -663,5 +700,7 @@ def run(args) -> int:
             raise CliError(f"teardown left: {'; '.join(left)}")
         print("rehearse: nothing of an earlier rehearsal is left")
         return 0
-    rehearse(args.folder, args.sites, args.rounds, args.epochs, args.timeout, compare=not args.no_compare)
+    policies = dict(args.site_policy or [])
+    compare = not args.no_compare
+    rehearse(args.folder, args.sites, args.rounds, args.epochs, args.timeout, compare, site_policies=policies)
     return 0

@@ -16,6 +16,10 @@ Each run gets its own folder WORKSPACE/runs/<time>; WORKSPACE/latest points to i
 
 goes on with a run that was killed mid-job (flctl.sim_resume): from its last global model, at
 the round after its last completed one, into its own MLflow runs; the job's settings stay its own.
+
+--site-policy SITE=FILE gives a site its disclosure policy (docs/site-policy.md), checked first and
+placed where the simulator's site reads it: the simulator workspace's local/ folder, which every
+site copies, as disclosure_policy.SITE.json.
 """
 
 import os
@@ -36,6 +40,7 @@ from flctl.check_job import check_or_fail
 from flctl.configure import JobConfigError, configure_job
 from flctl.errors import DEFAULT_JOB, CliError, default_data_root, positive_int, resolve_job
 from flctl.outcome import Outcome, judge
+from flctl.policy import site_policy as policy_arg
 from flctl.processes import end_group
 
 # Shown while the simulator runs (display only: the verdict comes from flctl.outcome).
@@ -188,6 +193,14 @@ def job_settings(sites, rounds, epochs, data_root, tracking_uri=None, experiment
     return {**settings, **(extra or {})}
 
 
+def place_policies(sim_ws: Path, site_policies: dict | None) -> None:
+    """Each {site: policy file} checked and copied to sim_ws/local/disclosure_policy.<site>.json:
+    every simulated site copies the workspace's local/ folder, so each file is named per site."""
+    from flctl.policy import place
+
+    place(site_policies, lambda site: sim_ws / "local" / f"disclosure_policy.{site}.json")
+
+
 def simulate(
     job="hello-lightning-mlflow",
     workspace="/tmp/nvflare/hello-lightning-mlflow",
@@ -210,6 +223,7 @@ def simulate(
     show=PROGRESS,
     env=None,
     timeout=None,
+    site_policies=None,
 ) -> Simulation:
     """The whole run; CliError on a failure before the simulator starts or a failed run."""
     job_src = resolve_job(job)
@@ -235,6 +249,7 @@ def simulate(
         verdict = f"the job has the problem(s) above; nothing was started (job copy: {job_copy})"
         say(f"check: {job_copy} is fine ({check_or_fail(job_copy, sites, None, verdict=verdict)})")
     sim_ws = run_dir / "simulator"
+    place_policies(sim_ws, site_policies)
     log_path = run_dir / "simulator.log"
     say(f"running: nvflare simulator {job_copy} -n {sites} -t {threads or sites} -w {sim_ws}")
     say(f"(log: {log_path})")
@@ -313,6 +328,8 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=positive_int, help="sites the simulator runs at once (default: all)")
     p.add_argument("--gpu", help="GPU ids for the simulator's -gpu option, e.g. 0")
     p.add_argument("--resume", metavar="RUN_DIR", help="go on with a killed run (WORKSPACE/runs/<time> or latest)")
+    p.add_argument("--site-policy", type=policy_arg, action="append", metavar="SITE=FILE",
+                   help="a site's disclosure policy (JSON; repeat per site; see flctl policy)")  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -336,6 +353,7 @@ def run(args) -> int:
         args.experiment,
         args.threads,
         args.gpu,
+        site_policies=dict(args.site_policy or []),
     )
     what = f"{sim.job.name}, {args.sites} sites x {args.rounds} rounds x {args.epochs} epoch(s)"
     report(sim, args.tracking_uri, started, what)

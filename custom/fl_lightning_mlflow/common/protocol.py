@@ -29,6 +29,7 @@ FED_ANALYTIC_EVENT_TYPE = FED_EVENT_PREFIX + ANALYTIC_EVENT_TYPE
 METRICS = "metrics"  # value {name: number}, one step
 METRICS_BATCH = "metrics_batch"  # kwargs[RECORDS_KWARG]: [[step, round, {name: number}], ...]
 PARAMS = "params"  # value {name: text}
+TAGS = "tags"  # value {name: text}: the site's own tags (its disclosure policy's name and digest)
 RECORDS_KWARG = "records"
 
 # ----- train results -------------------------------------------------------------------------
@@ -95,6 +96,24 @@ SENT_COUNTS_META = "sent_counts"
 SENT_KINDS = ("metric", "param", "tag")  # metric points (one value at one step), params, tags
 DELIVERY_STATS_KEY = "delivery"  # the stats file's per-site table: sent / received / written / refused / lost
 DELIVERY_METRIC_PREFIX = "delivery/"  # the parent run's metrics: delivery/<site>/<column>, step 0
+
+# ----- held on the site: what the site's own outbound rules kept back (site.outbound) ----------
+# Beside the sent counts, every task result carries HELD_COUNTS_META: {column: {kind: count}},
+# cumulative like them, one column per outbound rule (HELD_COLUMNS). What a rule held never left,
+# so it is not in the sent counts and the delivery account balances without it; the counts (never
+# the values) become columns of the delivery table beside sent / written / refused / lost.
+HELD_COUNTS_META = "held_counts"
+WITHHELD = "withheld"  # the site's disclosure policy (site.disclosure_policy)
+HELD_COLUMNS = (WITHHELD, "throttled")  # throttled: over the site's budget (common.stream_budget)
+# metric points, params, tags, system metric points, dataset descriptions (cut or kept back),
+# text artifacts (MLflowWriter.log_text)
+HELD_KINDS = ("metric", "param", "tag", "system", "dataset", "text")
+# The tags a site with a disclosure policy puts on its own run, so a reader of MLflow knows its
+# data was filtered by the site's rule (the policy's name, the digest of its file, the noise and
+# coarsening it applies: mechanisms and scales, never a raw value).
+POLICY_NAME_TAG = "disclosure_policy"
+POLICY_DIGEST_TAG = "disclosure_policy_digest"
+POLICY_TRANSFORMS_TAG = "disclosure_policy_transforms"
 
 
 # ----- dataset inputs (site -> server.records -> MlflowClient.log_inputs) ---------------------

@@ -7,8 +7,6 @@ what the server received (records.RecordChecker), rejected, and what MLflow wrot
 good (the write queue's per-run counters; a site's run key is its name), per site:
 
   sent      what the site handed to FLARE up to its last task result (points, params, tags)
-  throttled what went over the site's budget (common.stream_budget): held back by the site itself
-            (reported with its sent counts, never sent) or dropped here on arrival (sent)
   received  what reached the server and passed its checks
   rejected  what reached the server and failed them (never written)
   written   what MLflow confirmed written to the site's run
@@ -16,6 +14,12 @@ good (the write queue's per-run counters; a site's run key is its name), per sit
   lost      sent - written - refused - rejected - throttled here, never below 0
   in_flight sent - received - rejected - throttled here: never reached the server (events lost on the way, or
             still in flight when the server stopped listening)
+  throttled what went over the site's budget (common.stream_budget): held back by the site itself
+            (its HELD_COUNTS_META column "throttled", never sent) plus what the server dropped on
+            arrival (sent, so subtracted above); a number for every site
+  withheld  what the site's own disclosure policy kept on the site (common.protocol.HELD_COUNTS_META,
+            one column per outbound rule in HELD_COLUMNS): never sent, so outside the balance above;
+            None for a site that reported no such counts
 
 Points a site sends after its last task result (e.g. logs during cross-site validation) are in
 no report: they make written exceed sent, and only the site's END_RUN log line counts them.
@@ -24,10 +28,10 @@ Pure Python: no FLARE, no MLflow.
 
 from collections.abc import Mapping
 
-from fl_lightning_mlflow.common.protocol import DELIVERY_METRIC_PREFIX, SENT_KINDS, check_key
+from fl_lightning_mlflow.common.protocol import DELIVERY_METRIC_PREFIX, HELD_COLUMNS, HELD_KINDS, SENT_KINDS, check_key
 
-COLUMNS = ("sent", "throttled", "received", "rejected", "written", "refused", "lost", "in_flight")
-THROTTLED_KEY = "throttled"  # in a site's SENT_COUNTS_META: points its own budget held back, cumulative
+COLUMNS = ("sent", "received", "rejected", "written", "refused", "lost", "in_flight", *HELD_COLUMNS)
+THROTTLED = "throttled"  # a HELD_COLUMNS column; the server's own drops are added to it
 
 
 def _count(value) -> int | None:
@@ -43,7 +47,7 @@ def _count(value) -> int | None:
 class DeliveryLedger:
     def __init__(self):
         self.sent: dict = {}  # site -> {kind: count}, the largest count each kind reached
-        self.held: dict = {}  # site -> points its own budget held back (the largest count reported)
+        self.held: dict = {}  # site -> {column: {kind: count}}: what its outbound rules held back
 
     def report(self, site, counts) -> bool:
         """A site's cumulative counts from one task result; False (ignored) if malformed.
@@ -56,14 +60,27 @@ class DeliveryLedger:
         known = self.sent.setdefault(site, dict.fromkeys(SENT_KINDS, 0))
         for kind, n in clean.items():
             known[kind] = max(known[kind], n)
-        held = counts.get(THROTTLED_KEY)
-        if isinstance(held, int) and not isinstance(held, bool) and held >= 0:
-            self.held[site] = max(self.held.get(site, 0), held)
+        return True
+
+    def report_held(self, site, held) -> bool:
+        """A site's cumulative held counts {column: {kind: count}} from one task result; False
+        (ignored) if malformed. Columns other than HELD_COLUMNS are ignored; largest count wins."""
+        if not isinstance(site, str) or not site or not isinstance(held, Mapping):
+            return False
+        clean = {c: held[c] for c in HELD_COLUMNS if isinstance(held.get(c), Mapping)}
+        if not clean or any(_count(n) is None or isinstance(n, Mapping) for c in clean.values() for n in c.values()):
+            return False
+        known = self.held.setdefault(site, {})
+        for column, counts in clean.items():
+            kinds = known.setdefault(column, dict.fromkeys(HELD_KINDS, 0))
+            for kind, n in counts.items():
+                if kind in HELD_KINDS:
+                    kinds[kind] = max(kinds[kind], n)
         return True
 
     def throttled_by(self, site) -> int:
         """Points the site's own budget held back (as it last reported)."""
-        return self.held.get(site, 0)
+        return sum(self.held.get(site, {}).get(THROTTLED, {}).values())
 
     def table(
         self,
@@ -77,8 +94,7 @@ class DeliveryLedger:
 
         received: site -> {kind: count} (RecordChecker.received); written, refused: site -> count
         or {kind: count} (the write queue's per-run counters), None where the queue does not keep
-        them (then written, lost are None: unknown, not zero); rejected: site -> count; throttled:
-        site -> points over its budget dropped on arrival (server.site_stream)."""
+        them (then written, lost are None: unknown, not zero); rejected: site -> count."""
         refused, rejected, throttled = refused or {}, rejected or {}, throttled or {}
         out = {}
         for site in sorted(set(self.sent) | set(received)):
@@ -87,10 +103,10 @@ class DeliveryLedger:
             bad = _count(rejected.get(site, 0)) or 0
             done = None if written is None else (_count(written.get(site, 0)) or 0)
             no = _count(refused.get(site, 0)) or 0
-            dropped = _count(throttled.get(site, 0)) or 0
+            dropped = _count(throttled.get(site, 0)) or 0  # over budget on arrival (server.site_stream)
             row = {
                 "sent": sent,
-                "throttled": self.throttled_by(site) + dropped,
+                "throttled": dropped,
                 "received": got,
                 "rejected": bad,
                 "written": done,
@@ -98,6 +114,12 @@ class DeliveryLedger:
                 "lost": None if sent is None or done is None else max(0, sent - done - no - bad - dropped),
                 "in_flight": None if sent is None else max(0, sent - got - bad - dropped),
             }
+            for column in HELD_COLUMNS:
+                held = self.held.get(site, {}).get(column)
+                row[column] = None if held is None else sum(held.values())
+                if held is not None:
+                    row[f"{column}_by_kind"] = dict(held)
+            row[THROTTLED] = (row.get(THROTTLED) or 0) + dropped
             if site in self.sent:
                 row["sent_by_kind"] = dict(self.sent[site])
             row["received_by_kind"] = dict(received.get(site, {}))
@@ -118,18 +140,19 @@ class DeliveryLedger:
         for site, row in table.items():
             sent = "?" if row["sent"] is None else row["sent"]
             written = "? (not counted per run by the write queue)" if row["written"] is None else row["written"]
-            held = f", throttled {row['throttled']}" if row.get("throttled") else ""
             if not row["lost"]:
-                part = f"{site} sent {sent}, written {written}{held}"
+                part = f"{site} sent {sent}, written {written}"
+                part += held_text(row)
                 if row["sent"] is None:
                     part += " (no task result reported its counts)"
                 elif row["written"] is not None and row["written"] > row["sent"]:
                     part += " (the rest was sent after its last task result: see its END_RUN log)"
             else:
                 part = (
-                    f"{site} sent {sent}{held}, received {row['received']}, rejected {row['rejected']}, "
+                    f"{site} sent {sent}, received {row['received']}, rejected {row['rejected']}, "
                     f"written {written}, refused {row['refused']}, lost {row['lost']}"
                 )
+                part += held_text(row)
                 if row["in_flight"]:
                     part += f" ({row['in_flight']} never reached the server: events lost on the way or still in flight)"
             parts.append(part)
@@ -144,4 +167,14 @@ class DeliveryLedger:
                 name = f"{DELIVERY_METRIC_PREFIX}{site}/{column}"
                 if row.get(column) is not None and check_key(name) is None:
                     points.append((name, float(row[column])))
+            for column in HELD_COLUMNS:  # and by kind, where something was held: delivery/<site>/withheld/<kind>
+                for kind, n in (row.get(f"{column}_by_kind") or {}).items():
+                    name = f"{DELIVERY_METRIC_PREFIX}{site}/{column}/{kind}"
+                    if n and check_key(name) is None:
+                        points.append((name, float(n)))
         return points
+
+
+def held_text(row: dict) -> str:
+    """ ", withheld 12" for each held column with a count (what the site's own rules kept back)."""
+    return "".join(f", {column} {row[column]}" for column in HELD_COLUMNS if row.get(column))

@@ -29,6 +29,7 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_opt.tracking.mlflow.mlflow_receiver import MLflowReceiver
 
 from fl_lightning_mlflow.common.protocol import (
+    HELD_COUNTS_META,
     SENT_COUNTS_META,
 )
 from fl_lightning_mlflow.server.continuation import Continuation
@@ -169,7 +170,9 @@ class FederatedMLflowTracker(MLflowReceiver):
         if event_type == EventType.BEFORE_PROCESS_SUBMISSION:  # every task result, late ones too
             counts = sent_counts_of(fl_ctx)
             if counts:
-                self.delivery.report(*counts)
+                self.delivery.report(*counts[:2])
+                if counts[2] is not None:  # what the site's own rules held back (its policy)
+                    self.delivery.report_held(counts[0], counts[2])
         elif event_type == AppEventType.ROUND_STARTED:
             self.summary.num_rounds = fl_ctx.get_prop(AppConstants.NUM_ROUNDS, self.summary.num_rounds)
             if self.continuation:
@@ -284,17 +287,19 @@ def update_size_of(fl_ctx: FLContext) -> int:
 
 
 def sent_counts_of(fl_ctx: FLContext) -> tuple | None:
-    """(site, its cumulative sent counts) from the task result being submitted, or None when the
-    result carries none (another executor, a failed task)."""
+    """(site, its cumulative sent counts, its held counts or None) from the task result being
+    submitted, or None when the result carries no sent counts (another executor, a failed task)."""
     peer_ctx = fl_ctx.get_peer_context()
     result = fl_ctx.get_prop(FLContextKey.TASK_RESULT)
     if peer_ctx is None or not isinstance(result, Shareable):
         return None
     try:
-        counts = from_shareable(result).get_meta_prop(SENT_COUNTS_META)
+        dxo = from_shareable(result)
     except (ValueError, TypeError, KeyError):
         return None
-    return (peer_ctx.get_identity_name(default="?"), counts) if isinstance(counts, dict) else None
+    counts, held = dxo.get_meta_prop(SENT_COUNTS_META), dxo.get_meta_prop(HELD_COUNTS_META)
+    held = held if isinstance(held, dict) else None
+    return (peer_ctx.get_identity_name(default="?"), counts, held) if isinstance(counts, dict) else None
 
 
 def cross_site_result_of(fl_ctx: FLContext) -> tuple | None:

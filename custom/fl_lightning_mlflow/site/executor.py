@@ -21,7 +21,12 @@ validate and submit_model results carry the cumulative counts as DXO meta SENT_C
 flushing the engine so nothing counted is still waiting on the site. The task result is the
 reliable channel (events are best effort), so the server learns what was sent even when events
 were lost. Points sent after a site's last task result are in no result; the END_RUN log lines
-count them.
+count them. Beside them, HELD_COUNTS_META: what the site's outbound gate held back (site.outbound).
+
+The site's disclosure policy (site.disclosure_policy) is read from the site's own local/ folder
+at START_RUN, never from the job's configuration. It governs what streams (site.telemetry) and
+also the metrics a task result carries for the server's model selection and cross-site matrix:
+the site decides what of its measurements leaves, whichever way.
 """
 
 import time
@@ -37,7 +42,7 @@ from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
-from fl_lightning_mlflow.common.protocol import GLOBAL_PREFIX, SENT_COUNTS_META, VAL_SAMPLES_META
+from fl_lightning_mlflow.common.protocol import GLOBAL_PREFIX, HELD_COUNTS_META, SENT_COUNTS_META, VAL_SAMPLES_META
 from fl_lightning_mlflow.site.engine import SiteContext, SiteEngine, TaskAborted, is_int
 from fl_lightning_mlflow.site.system_sampler import check_interval
 from fl_lightning_mlflow.site.task_forms import TrainTask, weights_of
@@ -53,10 +58,30 @@ def shown(metrics: dict, prefix: str = "") -> str:
     return ", ".join(parts) or "(no metrics)"
 
 
-def with_sent_counts(dxo: DXO, counts: dict) -> DXO:
-    """The task result's DXO with the site's cumulative sent counts ({kind: n}) in its meta."""
+def with_sent_counts(dxo: DXO, counts: dict, held: dict | None = None) -> DXO:
+    """The task result's DXO with the site's cumulative sent counts ({kind: n}) in its meta, and
+    what its outbound gate held back ({column: {kind: n}})."""
     dxo.set_meta_prop(SENT_COUNTS_META, dict(counts))
+    if held is not None:
+        dxo.set_meta_prop(HELD_COUNTS_META, {column: dict(kinds) for column, kinds in held.items()})
     return dxo
+
+
+def end_of_run_lines(site: str, engine: SiteEngine, telemetry: SiteTelemetry) -> list:
+    """The site's END_RUN log lines: what it sent (and held back), as the sending side counts it."""
+    # The sending side's count, to compare with what reaches MLflow (this process's).
+    lines = [f"{site}: sent {engine.points_sent} metric points"]
+    if telemetry.sampler is not None:  # apart: the last samples may leave as the server stops listening
+        lines.append(f"{site}: sent {telemetry.sampler.points_sent} system metric points")
+    # The cumulative counts again: they include what was sent after the last task result,
+    # which the server never hears of otherwise (no task result follows END_RUN).
+    lines.append(f"{site}: sent counts at job end {telemetry.sent.snapshot()}, held back {telemetry.gate.snapshot()}")
+    return lines
+
+
+def with_counts(dxo: DXO, telemetry: SiteTelemetry) -> DXO:
+    """A task result's DXO with the site's sent and held counts (the reliable channel: module docstring)."""
+    return with_sent_counts(dxo, telemetry.sent.snapshot(), telemetry.gate.snapshot())
 
 
 def flush_engine(engine: SiteEngine) -> None:
@@ -147,14 +172,8 @@ class SiteExecutor(Executor):
         elif event_type == EventType.END_RUN and self.telemetry.stop_sampler():
             self._save_state()  # the sample index, for a restarted process
         if event_type == EventType.END_RUN and self.engine is not None and not self.setup_error:
-            # The sending side's count, to compare with what reaches MLflow (this process's).
-            self.log_info(fl_ctx, f"{self.site}: sent {self.engine.points_sent} metric points")
-            sampler = self.telemetry.sampler
-            if sampler is not None:  # apart: the last samples may leave as the server stops listening
-                self.log_info(fl_ctx, f"{self.site}: sent {sampler.points_sent} system metric points")
-            # The cumulative counts again: they include what was sent after the last task result,
-            # which the server never hears of otherwise (no task result follows END_RUN).
-            self.log_info(fl_ctx, f"{self.site}: sent counts at job end {self.telemetry.sent.snapshot()}")
+            for line in end_of_run_lines(self.site, self.engine, self.telemetry):
+                self.log_info(fl_ctx, line)
 
     def _setup(self, fl_ctx: FLContext):
         self.site = fl_ctx.get_identity_name()
@@ -174,6 +193,8 @@ class SiteExecutor(Executor):
                 raise ValueError(f"no component {training.writer_id!r} (an MLflowWriter) in config_fed_client.json")
         simulate = bool(fl_ctx.get_prop(FLContextKey.SIMULATE_MODE, False))
         threads = torch_threads(self.threads_per_site, simulate)
+        # From the site's own local/ folder, said once in its log; a bad file fails setup (ValueError).
+        self.log_info(fl_ctx, self.telemetry.load_policy(engine.get_workspace().get_site_config_dir(), self.site))
         saved = SiteTelemetry.saved(self.app_dir)
         self.telemetry.resume(saved)  # a restarted process carries on counting where the last one saved
         if writer is not None:
@@ -183,6 +204,7 @@ class SiteExecutor(Executor):
         )
         training.setup(context)
         self.engine = training
+        self.telemetry.val_samples(training.val_samples)  # the policy's min_validation_samples needs it
         if saved:
             self.engine.load_state_dict(saved.get("engine", {}))
             self.best_local = saved.get("best_local")
@@ -233,6 +255,7 @@ class SiteExecutor(Executor):
         self.log_info(fl_ctx, f"round {fl_round}: training starts")
         task = TrainTask.of(from_shareable(shareable))
         global_weights = task.weights
+        self.telemetry.announce_policy(self.engine)
         self.telemetry.send_datasets(self.engine)
         if task.controls is not None and not self.engine.supports_scaffold:
             self.log_error(
@@ -244,7 +267,8 @@ class SiteExecutor(Executor):
 
         # 1. The received global model on this site's validation data: selection on the server.
         results = self.engine.evaluate(global_weights, abort_signal, fl_round=fl_round, log_prefix=GLOBAL_PREFIX)
-        global_metrics = {f"{GLOBAL_PREFIX}{k}": v for k, v in results.items()}
+        # What leaves in the result passes the site's gate too (the model selector reads these).
+        global_metrics = self.telemetry.gate.metrics({f"{GLOBAL_PREFIX}{k}": v for k, v in results.items()})
 
         # 2. Local training, from the global weights.
         started = time.monotonic()
@@ -270,17 +294,18 @@ class SiteExecutor(Executor):
         dxo.set_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND, fit.samples)
         dxo.set_meta_prop(MetaKey.INITIAL_METRICS, global_metrics)
         dxo.set_meta_prop(VAL_SAMPLES_META, self.engine.val_samples)  # weights the server's global average
-        with_sent_counts(dxo, self.telemetry.sent.snapshot())  # the reliable channel: see the module's docstring
+        with_counts(dxo, self.telemetry)
         self.log_info(fl_ctx, f"round {fl_round}: train task took {time.monotonic() - task_started:.2f} s")
         return dxo.to_shareable()
 
     def _validate(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         model_owner = shareable.get_header(AppConstants.MODEL_OWNER, "?")
+        self.telemetry.announce_policy(self.engine)
         metrics = self.engine.evaluate(weights_of(from_shareable(shareable)), abort_signal)
         self.log_info(fl_ctx, f"validated model from {model_owner}: {metrics}")
         flush_engine(self.engine)
-        dxo = with_sent_counts(DXO(data_kind=DataKind.METRICS, data=metrics), self.telemetry.sent.snapshot())
-        return dxo.to_shareable()
+        metrics = self.telemetry.gate.metrics(metrics)  # the cross-site matrix: what the site lets out
+        return with_counts(DXO(data_kind=DataKind.METRICS, data=metrics), self.telemetry).to_shareable()
 
     def _submit_model(self, fl_ctx: FLContext) -> Shareable:
         path = self.app_dir / BEST_MODEL_FILE
@@ -291,5 +316,4 @@ class SiteExecutor(Executor):
         weights = {k: v.numpy() for k, v in state.items()}
         # Cross-site evaluation asks for this after the last round: one more, later, report of the counts.
         flush_engine(self.engine)
-        dxo = DXO(data_kind=DataKind.WEIGHTS, data=weights)
-        return with_sent_counts(dxo, self.telemetry.sent.snapshot()).to_shareable()
+        return with_counts(DXO(data_kind=DataKind.WEIGHTS, data=weights), self.telemetry).to_shareable()

@@ -30,6 +30,7 @@ from fl_lightning_mlflow.common.protocol import (
     METRICS_BATCH,
     PARAMS,
     SENT_KINDS,
+    TAGS,
     check_key,
     clean_key,
 )
@@ -176,7 +177,8 @@ class SentCounter:
             return {kind: self.counts[kind] for kind in SENT_KINDS}
 
     def record(self, kind: str, values) -> None:
-        """Count one sender call: METRICS {name: value}, METRICS_BATCH [[step, round, {..}]], PARAMS {..}."""
+        """Count one sender call: METRICS {name: value}, METRICS_BATCH [[step, round, {..}]], PARAMS
+        or TAGS {..}."""
         with self._lock:
             self._record(kind, values)
 
@@ -187,6 +189,8 @@ class SentCounter:
             self.counts["metric"] += sum(len(r[2]) for r in values)
         elif kind == PARAMS:
             self.counts["param"] += len(values)
+        elif kind == TAGS:
+            self.counts["tag"] += len(values)
 
     def sender(self, send: Sender) -> Sender:
         """send, counting what it was handed."""
