@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import accuracy
+import flood
 import ingest
 import overhead
 import write_path
@@ -20,6 +21,8 @@ def summary_markdown(results: dict) -> str:
         parts += ["## Scaling", overhead.scaling_table(results["scaling"])]
     if results.get("ingest", {}).get("backlog"):
         parts += ["## Ingest", ingest.table(results["ingest"])]
+    if results.get("flood", {}).get("summary"):
+        parts += ["## One site floods", flood.table(results["flood"])]
     return "\n\n".join(parts) + "\n"
 
 

@@ -16,6 +16,8 @@ ratio is measured within one run on one machine. Sections:
   scaling     sites, rounds and data size (not in the default set: --sections scaling)
   ingest      what the FL server takes in, points/s, with an empty queue and under a backlog
               of a million (not in the default set: --sections ingest)
+  flood       one site streams 1.5 million points beside two normal ones, against the same job
+              without it (not in the default set: --sections flood)
 
 Results go to --out (default benchmarks/results/<time>): results.json (rewritten after every
 step, so a run that stops can be continued with the same --out: finished steps are kept),
@@ -30,6 +32,7 @@ from datetime import datetime
 from pathlib import Path
 
 import accuracy
+import flood
 import ingest
 import overhead
 import plots
@@ -37,7 +40,7 @@ import write_path
 from bench_common import REPO, machine, say
 
 SECTIONS = ("overhead", "write_path", "accuracy")
-OPTIONAL = ("scaling", "ingest")
+OPTIONAL = ("scaling", "ingest", "flood")
 
 
 def sections_arg(text: str) -> list:
@@ -85,6 +88,8 @@ def main(argv=None) -> int:
             overhead.scaling(work, a.quick, section, save)
         elif name == "ingest":
             ingest.run(work, a.quick, section, save)
+        elif name == "flood":
+            flood.run(work, a.quick, section, save)
         save()
     text = plots.summary_markdown(results)
     (out / "summary.md").write_text(text)

@@ -7,6 +7,7 @@ from fl_lightning_mlflow.common.stream_budget import DEFAULT_BUDGET, BudgetError
 from fl_lightning_mlflow.server.delivery import DeliveryLedger
 from fl_lightning_mlflow.server.records import RecordChecker
 from fl_lightning_mlflow.server.site_stream import SiteStream, within
+from test_site_telemetry import Recording
 
 
 class Clock:
@@ -91,3 +92,41 @@ def test_the_delivery_account_has_a_throttled_column_and_loses_nothing_for_it():
     assert (row["sent"], row["throttled"], row["written"], row["lost"], row["in_flight"]) == (120, 1020, 100, 0, 0)
     assert "throttled 1020" in ledger.message(table)
     assert ("delivery/site-3/throttled", 1020.0) in ledger.metrics(table)
+
+
+def test_the_site_holds_back_what_is_over_its_budget_and_counts_it_throttled():
+    from nvflare.apis.fl_context import FLContext
+
+    from fl_lightning_mlflow.common.protocol import METRICS_BATCH
+    from fl_lightning_mlflow.site.telemetry import SiteTelemetry
+
+    component = Recording()
+    telemetry = SiteTelemetry(component, 0, {"points_per_second": 1, "burst": 25_000})
+    telemetry.fl_ctx = FLContext()
+    send = telemetry.sender()
+    records = [[step, 0, {f"layer{i}": 0.5 for i in range(1000)}] for step in range(30)]  # a burst of 30,000
+    send(METRICS_BATCH, records, 29, 0)
+    from nvflare.apis.analytix import AnalyticsData, LogWriterName
+
+    events = [AnalyticsData.from_dxo(dxo, receiver=LogWriterName.MLFLOW) for _, dxo in component.fired]
+    sent = sum(len(r[2]) for data in events for r in data.kwargs["records"])
+    assert sent == telemetry.sent.snapshot()["metric"] == 25_000
+    assert telemetry.gate.snapshot()["throttled"]["metric"] == 5_000
+    assert len(component.fired) == 2  # in events of at most MAX_ITEMS_PER_EVENT (20,000) values
+    # The task results' metrics (the server's model selection) are not budgeted.
+    assert telemetry.gate.result_metrics({"global_val_acc": 0.5}) == {"global_val_acc": 0.5}
+
+
+def test_a_site_budget_that_is_not_one_is_refused_in_one_line():
+    from fl_lightning_mlflow.site.telemetry import SiteTelemetry
+
+    with pytest.raises(BudgetError, match="SiteExecutor.stream_budget.burst must be a number > 0"):
+        SiteTelemetry(Recording(), 0, {"points_per_second": 5, "burst": "big"})
+
+
+def test_records_are_sent_in_events_the_server_takes_whole():
+    from fl_lightning_mlflow.site.telemetry import chunks
+
+    records = [[s, 0, {"a": 1, "b": 2, "c": 3}] for s in range(5)]
+    assert [len(c) for c in chunks(records, 7)] == [2, 2, 1]
+    assert [len(c) for c in chunks([[0, 0, {str(i): i for i in range(9)}]], 7)] == [1]  # a record stays whole

@@ -33,21 +33,8 @@ def delivery_table(tracker) -> dict:
     )  # fmt: skip
 
 
-def mark_throttled(tracker) -> None:
-    """Each site whose points were throttled (by itself or here) says so on its run."""
-    for site in tracker.sink.sites:
-        stream = tracker.stream
-        held = tracker.delivery.throttled_by(site) + stream.throttled[site] + stream.throttled_system[site]
-        if held:
-            tracker.sink.tags(site, [("throttled_points", str(held))])
-
-
 def end_job(tracker, fl_ctx: FLContext) -> None:
     """The tracker's finalize, after it stopped taking events."""
-    try:
-        mark_throttled(tracker)
-    except Exception as e:  # noqa: BLE001 - a tag is optional; the rest is not
-        tracker.logger.warning(f"budget: could not tag the throttled sites: {type(e).__name__}: {e}")
     try:
         status, failure, site_status = tracker.summary.outcome(tracker.sink.sites)
     except Exception as e:  # noqa: BLE001 - the runs must still end, with a status that says it

@@ -8,7 +8,7 @@ where MLflow still answers.
 
 import json
 
-from fl_lightning_mlflow.common.protocol import PARENT_RUN_KEY
+from fl_lightning_mlflow.common.protocol import DELIVERY_STATS_KEY, PARENT_RUN_KEY
 from fl_lightning_mlflow.server.tracking_uri import redact_uri
 
 
@@ -53,6 +53,9 @@ def write_report(queue, path, status, failure, lost, records, timings: dict, ext
         log.error(f"MLflow: could not write {path}: {e}")
     if queue.client is not None:
         marks = [(key, "refused_items", str(n)) for key, n in refused.items() if key not in queue.dead_runs]
+        for site, row in (stats.get(DELIVERY_STATS_KEY) or {}).items():  # over its budget: said on its run
+            if isinstance(row, dict) and row.get("throttled"):
+                marks.append((site, "throttled_points", str(row["throttled"])))
         if sum(lost.values()):
             marks.append((PARENT_RUN_KEY, "lost_items", json.dumps(dict(lost))))
         for key, tag, value in marks:  # one quick attempt each to mark it on the run itself

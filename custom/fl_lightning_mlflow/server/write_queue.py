@@ -166,7 +166,7 @@ class WriteQueue:
             lane, barrier = self.lanes.next()
             if lane is None:
                 return []
-            spilled = lane.spilled and len(lane.memory) < MAX_METRICS_PER_BATCH
+            spilled = lane.spilled and not lane.memory  # read back once what memory held went out
             want = max(1, min(self.max_memory_items // 2, 5 * MAX_METRICS_PER_BATCH))  # the memory bound holds
             reading = (lane.key, lane.read_pos, lane.spilled, want, self.journal.size()) if spilled else None
         if reading:  # off the queue's lock: the event thread keeps appending meanwhile

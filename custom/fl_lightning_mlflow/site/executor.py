@@ -129,6 +129,7 @@ class SiteExecutor(Executor):
         system_metrics_seconds: float = 10.0,
         key_metric: str = "",
         key_metric_mode: str = "max",
+        stream_budget: dict | None = None,
     ):
         """Args are set in config_fed_client.json.
 
@@ -139,14 +140,14 @@ class SiteExecutor(Executor):
         key_metric, key_metric_mode: the module's validation metric ("val_acc") that picks the
             site's best local model (the one submit_model returns), and whether higher ("max") or
             lower ("min") is better; "" = the last local model.
+        stream_budget: what the site may stream (common.stream_budget; None: the default, {}: none).
         """
         super().__init__()
         tasks = {"train_task_name": train_task_name, "validate_task_name": validate_task_name,
                  "submit_model_task_name": submit_model_task_name}  # fmt: skip
         check_args(engine_id, threads_per_site, tasks, key_metric, key_metric_mode)
         self.key_metric, self.key_metric_mode = key_metric, key_metric_mode
-        # Events, sent counts, dataset description, system metrics and the state file.
-        self.telemetry = SiteTelemetry(self, check_interval("SiteExecutor", system_metrics_seconds))
+        self.telemetry = SiteTelemetry(self, check_interval("SiteExecutor", system_metrics_seconds), stream_budget)
         self.engine_id = engine_id
         self.threads_per_site = threads_per_site
         self.task_names = (train_task_name, validate_task_name, submit_model_task_name)
@@ -268,7 +269,7 @@ class SiteExecutor(Executor):
         # 1. The received global model on this site's validation data: selection on the server.
         results = self.engine.evaluate(global_weights, abort_signal, fl_round=fl_round, log_prefix=GLOBAL_PREFIX)
         # What leaves in the result passes the site's gate too (the model selector reads these).
-        global_metrics = self.telemetry.gate.metrics({f"{GLOBAL_PREFIX}{k}": v for k, v in results.items()})
+        global_metrics = self.telemetry.gate.result_metrics({f"{GLOBAL_PREFIX}{k}": v for k, v in results.items()})
 
         # 2. Local training, from the global weights.
         started = time.monotonic()
@@ -304,7 +305,7 @@ class SiteExecutor(Executor):
         metrics = self.engine.evaluate(weights_of(from_shareable(shareable)), abort_signal)
         self.log_info(fl_ctx, f"validated model from {model_owner}: {metrics}")
         flush_engine(self.engine)
-        metrics = self.telemetry.gate.metrics(metrics)  # the cross-site matrix: what the site lets out
+        metrics = self.telemetry.gate.result_metrics(metrics)  # the cross-site matrix: what the site lets out
         return with_counts(DXO(data_kind=DataKind.METRICS, data=metrics), self.telemetry).to_shareable()
 
     def _submit_model(self, fl_ctx: FLContext) -> Shareable:

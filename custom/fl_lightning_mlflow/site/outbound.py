@@ -35,6 +35,7 @@ class Rule:
     it (the base class lets everything out). column: the delivery table's column its holds go to."""
 
     column = "held"
+    streams_only = False  # True: task results' metrics (what the server's selector reads) pass it untouched
 
     def metrics(self, values: dict) -> dict:
         """{name: number} of one step (system metrics under common.protocol.SYSTEM_PREFIX too)."""
@@ -65,8 +66,9 @@ class OutboundGate:
         for rule in rules:
             self.add(rule)
 
-    def add(self, rule: Rule) -> None:
-        self.rules.append(rule)
+    def add(self, rule: Rule, first: bool = False) -> None:
+        """Apply rule after the others (first: before them)."""
+        self.rules.insert(0, rule) if first else self.rules.append(rule)
         self.held.setdefault(rule.column, collections.Counter())
 
     # ----- the counts -------------------------------------------------------------------------
@@ -102,8 +104,16 @@ class OutboundGate:
         with self._lock:
             return self._metrics(values)
 
-    def _metrics(self, values: dict) -> dict:
+    def result_metrics(self, values: dict) -> dict:
+        """Metrics a task result carries (the global model's, the cross-site matrix): every rule but
+        the stream-only ones (a rate budget must not cost the server its model selection)."""
+        with self._lock:
+            return self._metrics(values, results=True)
+
+    def _metrics(self, values: dict, results: bool = False) -> dict:
         for rule in self.rules:
+            if results and rule.streams_only:
+                continue
             out = rule.metrics(values)
             for name in values.keys() - out.keys():
                 self.held[rule.column]["system" if name.startswith(SYSTEM_PREFIX) else "metric"] += 1

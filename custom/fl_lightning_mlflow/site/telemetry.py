@@ -25,6 +25,7 @@ from fl_lightning_mlflow.common.protocol import (
     ANALYTIC_EVENT_TYPE,
     DATASETS,
     HELD_COLUMNS,
+    MAX_ITEMS_PER_EVENT,
     METRICS_BATCH,
     PARAMS,
     POLICY_DIGEST_TAG,
@@ -34,6 +35,8 @@ from fl_lightning_mlflow.common.protocol import (
     RECORDS_KWARG,
     TAGS,
 )
+from fl_lightning_mlflow.common.stream_budget import StreamBudget
+from fl_lightning_mlflow.site.budget_rule import BudgetRule
 from fl_lightning_mlflow.site.disclosure_policy import Policy, policy_path, read_policy
 from fl_lightning_mlflow.site.disclosure_rule import DisclosureRule
 from fl_lightning_mlflow.site.flare_logger import SentCounter
@@ -48,9 +51,24 @@ DATA_TYPES = {
 }  # fmt: skip - else METRICS
 
 
+def chunks(records: list, most: int):
+    """records [[step, round, {name: value}], ...] in runs of at most `most` values (a record with
+    more stays whole: the server counts it as rejected rather than the site splitting a step)."""
+    run, size = [], 0
+    for record in records:
+        if run and size + len(record[2]) > most:
+            yield run
+            run, size = [], 0
+        run.append(record)
+        size += len(record[2])
+    if run:
+        yield run
+
+
 class SiteTelemetry:
-    def __init__(self, component: FLComponent, system_metrics_seconds: float):
-        """component: the FLARE component the events are fired from (the executor)."""
+    def __init__(self, component: FLComponent, system_metrics_seconds: float, stream_budget: dict | None = None):
+        """component: the FLARE component the events are fired from (the executor); stream_budget:
+        what the site may stream (common.stream_budget's config form; None: the default, {}: none)."""
         self.component = component
         self.system_metrics_seconds = system_metrics_seconds
         self.sent = SentCounter()  # what this site handed to FLARE for the server, since the job started
@@ -58,6 +76,9 @@ class SiteTelemetry:
         self.datasets_sent = False
         # What may leave the site; use_policy adds the site's disclosure rule.
         self.gate = OutboundGate(columns=HELD_COLUMNS)
+        budget = StreamBudget.parse(stream_budget, "SiteExecutor.stream_budget")  # BudgetError: one line
+        if budget is not None:  # after the policy's rule: what the policy withholds uses no budget
+            self.gate.add(BudgetRule(budget))
         self.policy: Policy | None = None
         self.policy_rule: DisclosureRule | None = None
         self.policy_announced = False
@@ -96,7 +117,7 @@ class SiteTelemetry:
         self.policy = policy
         if policy is not None:
             self.policy_rule = DisclosureRule(policy)
-            self.gate.add(self.policy_rule)
+            self.gate.add(self.policy_rule, first=True)
 
     def save(self, app_dir, **state) -> None:
         """The state file: state's items (the engine's, the executor's), the sent counts, the sample index."""
@@ -111,7 +132,12 @@ class SiteTelemetry:
         (common.protocol), in the running task's context unless given one. Returns what was sent
         (None: the gate let nothing out, and nothing was sent)."""
         values = self.gate.let_out(kind, values)
-        if values is not None:
+        if values is None:
+            return None
+        if kind == METRICS_BATCH:  # within what the server takes in one event
+            for chunk in chunks(values, MAX_ITEMS_PER_EVENT):
+                self._fire(kind, chunk, chunk[-1][0], fl_round, fl_ctx)
+        else:
             self._fire(kind, values, step, fl_round, fl_ctx)
         return values
 
