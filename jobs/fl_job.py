@@ -301,6 +301,7 @@ def settings(args):
         "experiment_name": args.experiment_name or args.name,
         "registered_model_name": f"{args.name}-global",
         "log_models": "best_and_final",
+        "cross_site_models": "all",
         "task_request_interval": 0.25,
     }
     return client, server
@@ -331,7 +332,6 @@ def build_job(args, code: list[tuple[Path, str]]):
     from nvflare.app_common.aggregators.intime_accumulate_model_aggregator import InTimeAccumulateWeightedAggregator
     from nvflare.app_common.shareablegenerators.full_model_shareable_generator import FullModelShareableGenerator
     from nvflare.app_common.widgets.convert_to_fed_event import ConvertToFedEvent
-    from nvflare.app_common.workflows.cross_site_model_eval import CrossSiteModelEval
     from nvflare.app_common.workflows.scatter_and_gather import ScatterAndGather
     from nvflare.app_opt.pt.file_model_locator import PTFileModelLocator
     from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
@@ -363,7 +363,11 @@ def build_job(args, code: list[tuple[Path, str]]):
     )
     job.to_server(sag, id="scatter_and_gather")
     cse = configured(
-        CrossSiteModelEval, model_locator_id="model_locator", submit_model_timeout=600, validation_timeout=600
+        "fl_lightning_mlflow.server.cross_site_eval.CrossSiteEval",
+        models="{cross_site_models}",
+        model_locator_id="model_locator",
+        submit_model_timeout=600,
+        validation_timeout=600,
     )
     job.to_server(cse, id="cross_site_model_eval")
     initial_model = {

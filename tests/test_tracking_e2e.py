@@ -173,6 +173,9 @@ def test_cross_site_matrix_is_in_the_parent_run(finished_run):
     mlflow.set_tracking_uri(f"sqlite:///{server / 'mlflow.db'}")
     table = mlflow.artifacts.load_dict(f"runs:/{parent.info.run_id}/cross_site_validation.json")
     assert len(table["data"]) == len(models) * SITES * 2  # val_acc and val_loss
+    # The default, recorded: every site's model and the global models (server.cross_site_eval).
+    assert parent.data.tags["cross_site_models"] == "all"
+    assert {row[table["columns"].index("evaluated")] for row in table["data"]} == {"all"}
 
 
 def test_nothing_lost_and_the_event_thread_never_waited(finished_run):

@@ -17,6 +17,7 @@ RANGES = {
     "ScatterAndGatherScaffold": {"num_rounds": 1, "min_clients": 1, "train_timeout": 0, "start_round": 0},
     "MinClientsGuard": {"min_clients": 1, "train_timeout": 0},
     "CrossSiteModelEval": {"submit_model_timeout": 0, "validation_timeout": 0},
+    "CrossSiteEval": {"submit_model_timeout": 0, "validation_timeout": 0},
 }
 
 

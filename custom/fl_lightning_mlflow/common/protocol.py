@@ -55,6 +55,10 @@ STATS_FILE = "mlflow_tracking_stats.json"  # status, received / written / lost /
 REGISTERED_MODEL_STATS_KEY = "registered_model"  # the registry name, its aliases' versions and models:/ URIs
 BEST_MODEL_STATS_KEY = "best_model"  # {"round", "key_metric", "value", "mode"}: the selector's pick
 PARENT_RUN_KEY = "__parent__"  # the federation's run in the stats file's run_ids; sites are keyed by name
+# What cross-site evaluation covered (server.cross_site_eval: all, global or none): a workflow context
+# property for the tracker, a column of the parent run's cross-site table and a tag of the parent run.
+CROSS_SITE_MODELS_PROP = "fl_lightning_mlflow.cross_site_models"
+CROSS_SITE_MODELS_TAG = "cross_site_models"
 
 
 NOT_IN_KEYS = re.compile(r"[^\w\-. /:]+")  # the characters KEY_PATTERN does not take

@@ -202,7 +202,8 @@ class MLflowSink:
         return self.queue.runs.run_id(run_key)
 
     def _log_table(self, client, run_key, rows, artifact_file):
-        columns = {name: [r[name] for r in rows] for name in ("model", "data_site", "metric", "value")}
+        names = ("model", "data_site", "metric", "value", "evaluated")  # evaluated: server.cross_site_eval's
+        columns = {name: [r[name] for r in rows] for name in names if all(name in r for r in rows)}
         client.log_table(self._run_id(run_key), columns, artifact_file)
 
     def _log_models(self, client, final_path, best_path, best_info, register, final_step=None):

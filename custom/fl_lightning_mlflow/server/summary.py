@@ -39,6 +39,9 @@ class FederationSummary:
         self._rounds: dict = {}  # round -> site -> (metrics, weight or None)
         self._last_round_of: dict = {}  # site -> the last round it sent an update for
         self._cross_site: dict = {}  # (model owner, data site) -> {metric: value} or None (failed)
+        # What cross-site evaluation covered (server.cross_site_eval: all, global, none); None: not said
+        # (FLARE's own CrossSiteModelEval), and the table has no such column.
+        self.cross_site_models: str | None = None
 
     # ----- training rounds ------------------------------------------------------------------
     def weight(self, site: str, num_steps) -> float | None:
@@ -116,14 +119,16 @@ class FederationSummary:
         self._cross_site[(owner, site)] = metrics
 
     def cross_site(self) -> tuple:
-        """(points [(name, value)], table rows), ordered by model then data site."""
+        """(points [(name, value)], table rows), ordered by model then data site; each row says what
+        the evaluation covered ("evaluated") when the workflow said it."""
         points, rows = [], []
+        evaluated = {"evaluated": self.cross_site_models} if self.cross_site_models else {}
         for (owner, site), metrics in sorted(self._cross_site.items(), key=lambda kv: tuple(map(str, kv[0]))):
             for key, value in (metrics or {}).items():
                 points.append((f"cross_site/{owner}/{site}/{key}", value))
-                rows.append({"model": owner, "data_site": site, "metric": key, "value": value})
+                rows.append({"model": owner, "data_site": site, "metric": key, "value": value, **evaluated})
             if metrics is None:
-                rows.append({"model": owner, "data_site": site, "metric": "error", "value": float("nan")})
+                rows.append({"model": owner, "data_site": site, "metric": "error", "value": float("nan"), **evaluated})
         return points, rows
 
     # ----- the end -----------------------------------------------------------------------------

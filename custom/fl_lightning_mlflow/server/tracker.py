@@ -29,6 +29,8 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_opt.tracking.mlflow.mlflow_receiver import MLflowReceiver
 
 from fl_lightning_mlflow.common.protocol import (
+    CROSS_SITE_MODELS_PROP,
+    CROSS_SITE_MODELS_TAG,
     HELD_COUNTS_META,
     SENT_COUNTS_META,
 )
@@ -198,6 +200,8 @@ class FederatedMLflowTracker(MLflowReceiver):
             if self.key_metric_mode == "min" and isinstance(value, (int, float)):
                 value = -value  # the selector negates a lower-is-better metric to maximise it
             self.summary.set_best(fl_ctx.get_prop(AppConstants.CURRENT_ROUND), value)
+        elif event_type == AppEventType.CROSS_VAL_INIT:  # what it will cover (server.cross_site_eval)
+            record_cross_site_models(self, fl_ctx.get_prop(CROSS_SITE_MODELS_PROP))
         elif event_type == AppEventType.VALIDATION_RESULT_RECEIVED:
             result = cross_site_result_of(fl_ctx)
             if result:
@@ -241,6 +245,14 @@ class FederatedMLflowTracker(MLflowReceiver):
         with self._lock:
             self.tracking = False
         end_job(self, fl_ctx)
+
+
+def record_cross_site_models(tracker, models) -> None:
+    """The parent run records what cross-site evaluation covers: a tag (also when nothing is
+    evaluated) and a column of its cross-site table. FLARE's own workflow says nothing."""
+    if isinstance(models, str) and models:
+        tracker.summary.cross_site_models = models
+        tracker.sink.tags(PARENT, [(CROSS_SITE_MODELS_TAG, models)])
 
 
 def _now() -> int:
