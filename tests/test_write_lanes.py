@@ -169,3 +169,26 @@ def test_a_flooding_runs_backlog_delays_another_run_by_one_request(store, tmp_pa
     assert queue.requests[:3] == ["hold", "parent", "quiet"]  # not after the flood's 20 requests
     assert len(client.get_metric_history(queue.run_ids["flood"], "x")) == 20_000
     assert len(client.get_metric_history(queue.run_ids["quiet"], "loss")) == 10
+
+
+def test_several_writers_serve_different_runs_at_once_and_each_runs_order_holds(store, tmp_path):
+    uri, client, experiment = store
+    lock, out, seen = threading.Lock(), [0], collections.defaultdict(list)
+    peak = [0]
+
+    def note(client, run, i):
+        with lock:
+            out[0] += 1
+            peak[0] = max(peak[0], out[0])
+        threading.Event().wait(0.05)  # a request's round trip
+        with lock:
+            out[0] -= 1
+            seen[run].append(i)
+
+    queue = WriteQueue(uri, tmp_path / "journal", {"note": note}, call_lanes={"note": 0}, writers=3)
+    for i in range(10):
+        for run in ("a", "b", "c"):
+            queue.put(("call", "note", [run, i]))
+    assert queue.drain(60) and queue.close(5) == {}
+    assert peak[0] == 3  # three runs' requests out at once
+    assert seen == {run: list(range(10)) for run in ("a", "b", "c")}  # and each run's in its order

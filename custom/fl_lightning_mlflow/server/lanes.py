@@ -54,6 +54,7 @@ class Lanes:
         self.in_memory = 0
         self.spilled = 0
         self.unordered = False  # an item kept in memory out of seq order (the journal failed while spilling)
+        self.busy: set = set()  # lanes with a request out (several writers: each serves another lane)
 
     def lane_for(self, item) -> Lane:
         key = lane_of(item, self.call_lanes)
@@ -82,6 +83,15 @@ class Lanes:
     def pending(self) -> bool:
         return bool(self.in_memory or self.spilled)
 
+    def may_linger(self) -> bool:
+        """Whether the writer may wait for more points before a request: nothing spilled, less than
+        a full request in memory, and no action waiting at a lane's head."""
+        return (
+            not self.spilled
+            and self.in_memory < MAX_METRICS_PER_BATCH
+            and not any(lane.memory and lane.memory[0][1].kind == "call" for lane in self.all())
+        )
+
     def floor(self):
         """The lowest seq pending anywhere, or None."""
         seqs = [s for lane in self.all() if (s := lane.first_seq(self.unordered)) is not None]
@@ -95,9 +105,15 @@ class Lanes:
             order = itertools.chain([self.runs[self.priority]], order)
         for lane in order:
             first = lane.first_seq(self.unordered)
-            if first is not None and (barrier is None or first < barrier):
+            if lane not in self.busy and first is not None and (barrier is None or first < barrier):
                 return lane, barrier
-        return (self.job, None) if barrier is not None else (None, None)
+        # A whole-job action runs alone: once nothing queued before it is pending, nor out.
+        ready = barrier is not None and not self.busy and self.job not in self.busy
+        # (A lane's first seq may be a lower bound of its spilled items': equal to the action's, its
+        # items all come after it, as no two items share a seq.)
+        if ready and all((f := lane.first_seq(self.unordered)) is None or f >= barrier for lane in self.runs.values()):
+            return self.job, None
+        return None, None
 
     def served(self, lane: Lane) -> None:
         """Another lane's turn next."""

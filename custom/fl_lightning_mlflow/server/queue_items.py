@@ -14,6 +14,8 @@ The writer serves the lanes in turn (server.lanes), in order within each.
 import enum
 from typing import NamedTuple
 
+from fl_lightning_mlflow.common.protocol import SYSTEM_PREFIX
+
 
 class MetricPoint(NamedTuple):
     kind: str  # "metric"
@@ -81,6 +83,12 @@ def as_item(fields):
     if kind != "call" and not isinstance(fields[1], str):
         return None
     return fields if type(fields) is item_type else item_type(*fields)
+
+
+def counted(item) -> bool:
+    """Whether an item counts in a run's delivery account: points, params and tags, but not system/
+    metrics (monitoring: sites do not count them either, server.records)."""
+    return item.kind in POINT_KINDS and not (item.kind == "metric" and str(item.key).startswith(SYSTEM_PREFIX))
 
 
 def lane_of(item, call_lanes: dict):

@@ -22,11 +22,11 @@ class RequestSender:
         """write(items): sends one request (the queue's, so it can be instrumented)."""
         self.write, self.runs, self.dead_letter = write, runs, dead_letter
         self.unknown_error_attempts = max(1, unknown_error_attempts)
-        self.isolate_unknown = False  # the last allowed attempt: an unclassified error is isolated
         self.client = None
 
-    def send(self, batch: list, outcome: dict, checked_run: bool = False) -> None:
-        """Write batch [(position, item)]; outcomes go to outcome {position: Outcome}."""
+    def send(self, batch: list, outcome: dict, checked_run: bool = False, isolate_unknown: bool = False) -> None:
+        """Write batch [(position, item)]; outcomes go to outcome {position: Outcome}. isolate_unknown:
+        the last allowed attempt: an error nobody can classify is isolated like a refusal."""
         first = batch[0][1]
         run_key = first.run_key if first.kind in POINT_KINDS else None
         if run_key is not None and run_key in self.runs.dead:
@@ -37,19 +37,19 @@ class RequestSender:
             self.write([item for _, item in batch])
         except Exception as e:  # noqa: BLE001 - classified below; transient ones go up to back off
             reason = refusal(e)
-            if reason == "?" and self.isolate_unknown:
+            if reason == "?" and isolate_unknown:
                 reason = f"gave up after {self.unknown_error_attempts} attempts: {type(e).__name__}: {e}"
             if reason is None or reason == "?":
                 raise
             if run_key is not None and not checked_run and self._run_gone(run_key):
-                return self.send(batch, outcome, checked_run=True)  # now dead: all dead-lettered
+                return self.send(batch, outcome, True, isolate_unknown)  # now dead: all dead-lettered
             if len(batch) == 1:
                 code = getattr(e, "error_code", None) or type(e).__name__
                 self._refuse(batch[0][0], batch[0][1], reason, code, outcome)
                 return
             half = len(batch) // 2
-            self.send(batch[:half], outcome, checked_run=True)
-            self.send(batch[half:], outcome, checked_run=True)
+            self.send(batch[:half], outcome, True, isolate_unknown)
+            self.send(batch[half:], outcome, True, isolate_unknown)
             return
         for pos, _ in batch:
             outcome[pos] = Outcome.WRITTEN

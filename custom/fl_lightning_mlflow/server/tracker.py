@@ -51,7 +51,7 @@ from fl_lightning_mlflow.server.tracking_uri import TrackingConfigError, check_s
 class FederatedMLflowTracker(MLflowReceiver):
     def __init__(self, tracking_uri: str | None = None, kw_args: dict | None = None,
                  artifact_location: str | None = None, events: list | None = None,
-                 buffer_flush_time: float | None = None,
+                 buffer_flush_time: float | None = None, writers: int | None = None,
                  registered_model_name: str = "", persistor_id: str = "persistor", metric_modes: dict | None = None,
                  fl_params: dict | None = None, promote_params: list | None = None, description: str = "",
                  max_memory_items: int = 200_000, retry_initial: float = 0.5, retry_max: float = 15.0,
@@ -93,6 +93,7 @@ class FederatedMLflowTracker(MLflowReceiver):
         log_models: which rounds' global models become MLflow LoggedModels (server.model_policy):
             "best_and_final" (default), "every_round" or "every_k:<k>"; the best and the final are
             always logged, and registered with the aliases champion and final.
+        writers: MLflow requests out at once, each for another run (None: 4 to a tracking server, 1 to SQLite).
         site_budget: what one site may stream (common.stream_budget): {"points_per_second": r,
             "burst": b}; None: the default, {}: no budget. Points over it are counted as throttled.
         resume_from: set by flctl in a continuation job only: the dead job's plan
@@ -131,7 +132,7 @@ class FederatedMLflowTracker(MLflowReceiver):
         if not (isinstance(journal_sync_seconds, (int, float)) and 0 < journal_sync_seconds <= 60):
             raise TrackingConfigError(f"journal_sync_seconds must be in (0, 60], got {journal_sync_seconds!r}")
         self.queue_args = {"max_memory_items": max_memory_items, "retry_initial": retry_initial, "retry_max": retry_max,
-                           "sync_seconds": float(journal_sync_seconds)}  # fmt: skip
+                           "sync_seconds": float(journal_sync_seconds), "writers": writers}  # fmt: skip
         self.recover_orphans = recover_orphans
         self.final_flush_timeout = final_flush_timeout
         self.http_defaults = {

@@ -22,11 +22,11 @@ import threading
 import time
 from pathlib import Path
 
-from fl_lightning_mlflow.common.protocol import MAX_METRICS_PER_BATCH, SYSTEM_PREFIX
+from fl_lightning_mlflow.common.protocol import MAX_METRICS_PER_BATCH
 from fl_lightning_mlflow.server.dead_letter import DEAD_LETTER_FILE, DeadLetter
 from fl_lightning_mlflow.server.journal import Journal, read_cursor
 from fl_lightning_mlflow.server.lanes import Lanes, take_request
-from fl_lightning_mlflow.server.queue_items import POINT_KINDS, Outcome, as_item
+from fl_lightning_mlflow.server.queue_items import Outcome, as_item, counted
 from fl_lightning_mlflow.server.request_sender import RequestSender
 from fl_lightning_mlflow.server.run_registry import RunRegistry
 from fl_lightning_mlflow.server.spill import SpillReader
@@ -41,9 +41,10 @@ class WriteQueue:
                  batch_linger: float = 0.25, logger: logging.Logger | None = None, dead_letter_file=None,
                  unknown_error_attempts: int = 5, sync_seconds: float = 1.0, resume: bool = False,
                  run_ids: dict | None = None, experiment_id: str | None = None,
-                 call_lanes: dict | None = None, priority_run=None):  # fmt: skip
+                 call_lanes: dict | None = None, priority_run=None, writers: int | None = None):  # fmt: skip
         """actions: name -> callable(client, *args) for "call" items; may raise to be retried.
         call_lanes: action name -> its run (server.lanes); priority_run: the run served first.
+        writers: requests out at once, each for another run (None: 4 to a tracking server, 1 to a database).
         journal_dir: the journal's folder; dead_letter_file: where refused items go (default:
             mlflow_dead_letter.jsonl beside it); sync_seconds: how often it is fsynced.
         unknown_error_attempts: how often a request failing with an error that is neither network
@@ -79,7 +80,8 @@ class WriteQueue:
         self.dead_letter_file = self.dead_letter.path
         self.sender = RequestSender(self._write, self.runs, self.dead_letter, unknown_error_attempts)
         self.writer = WriterLoop(self, retry_initial, retry_max)
-        self._thread = self.writer.start()
+        self._threads = self.writer.start(writers or (4 if str(tracking_uri).startswith("http") else 1))
+        self._thread = self._threads[0]
 
     # The registry owns these; the names stay for the queue's callers and tests.
     run_ids = property(lambda self: self.runs.ids)
@@ -155,17 +157,13 @@ class WriteQueue:
             # The linger counts from when the waiting items began to wait, not per request: what is
             # left after a full request (or at job end, other runs' points) goes without a new wait.
             until = self._filled_since + self.batch_linger
-            while (
-                not self._closing
-                and not self.lanes.spilled
-                and self.lanes.in_memory < MAX_METRICS_PER_BATCH
-                and not any(lane.memory and lane.memory[0][1].kind == "call" for lane in self.lanes.all())
-                and (left := until - time.monotonic()) > 0
-            ):
+            while not self._closing and self.lanes.may_linger() and (left := until - time.monotonic()) > 0:
                 self._cond.wait(left)
             lane, barrier = self.lanes.next()
-            if lane is None:
+            if lane is None:  # every lane with work has a request out (other writers): wait for one
+                self._cond.wait(self.idle_flush)
                 return []
+            self.lanes.busy.add(lane)  # one request per lane at a time: a run's order is kept
             spilled = lane.spilled and not lane.memory  # read back once what memory held went out
             want = max(1, min(self.max_memory_items // 2, 5 * MAX_METRICS_PER_BATCH))  # the memory bound holds
             reading = (lane.key, lane.read_pos, lane.spilled, want, self.journal.size()) if spilled else None
@@ -174,25 +172,25 @@ class WriteQueue:
             with self._cond:
                 self.lanes.read_back(lane, entries, consumed, pos)
         with self._cond:
-            if not lane.memory:
+            batch = take_request(lane, barrier) if lane.memory else []
+            if not batch:
+                self.lanes.busy.discard(lane)
                 return []
             self._request_seq, self._arrived_during_request = self.journal.next_seq, None
-            return lane, take_request(lane, barrier)
+            return lane, batch
 
     def _settle(self, lane, outcome: dict) -> None:
         """Remove the items of the current request that were written or refused, and count them."""
         with self._cond:
+            self.lanes.busy.discard(lane)
             self.lanes.served(lane)  # its turn is over (lanes made meanwhile go after it)
             if not outcome:
                 return
             settled = self.lanes.remove(lane, outcome)
             for pos, (_, item) in zip(sorted(outcome), settled, strict=False):
-                result = outcome[pos].value
-                self.stats[f"{result}_{item.kind}"] += 1
-                if item.kind in POINT_KINDS and not (item.kind == "metric" and str(item.key).startswith(SYSTEM_PREFIX)):
-                    # system/ points are monitoring, outside delivery accounting (records.RecordChecker)
-                    by_run = self.written_by_run if outcome[pos] is Outcome.WRITTEN else self.refused_by_run
-                    by_run[item.run_key] += 1
+                self.stats[f"{outcome[pos].value}_{item.kind}"] += 1
+                if counted(item):
+                    (self.written_by_run if outcome[pos] is Outcome.WRITTEN else self.refused_by_run)[item.run_key] += 1
             # Items that all arrived while the request was out have waited only since then: their
             # linger starts there (items older than the request keep theirs, already run out).
             floor = self.lanes.floor()
@@ -213,8 +211,10 @@ class WriteQueue:
             with self._cond:
                 self._closing = True
                 self._cond.notify_all()
-            self._thread.join(timeout)
-            if self._thread.is_alive():
+            deadline = time.monotonic() + timeout
+            for thread in self._threads:
+                thread.join(max(0.0, deadline - time.monotonic()))
+            if any(thread.is_alive() for thread in self._threads):
                 self.writer.abandon = True
             return self.pending()
         except Exception as e:  # noqa: BLE001 - the caller must still write its account

@@ -23,10 +23,14 @@ class WriterLoop:
         self.abandon = False  # close() gave up waiting: stop at the next turn
         self._unknown_failures = 0  # consecutive unknown failures at the head (kept if the loop restarts)
 
-    def start(self) -> threading.Thread:
-        thread = threading.Thread(target=self._main, name="mlflow-writer", daemon=True)
-        thread.start()
-        return thread
+    def start(self, writers: int = 1) -> list:
+        """writers threads, each taking the next request of a lane no other has a request out for."""
+        threads = [
+            threading.Thread(target=self._main, name=f"mlflow-writer-{i}", daemon=True) for i in range(max(1, writers))
+        ]
+        for thread in threads:
+            thread.start()
+        return threads
 
     def _main(self) -> None:
         """The thread's body: whatever goes wrong in the loop, the loop starts again."""
@@ -57,15 +61,15 @@ class WriterLoop:
                 continue
             lane, batch = taken
             error, outcome = None, {}
-            sender.isolate_unknown = self._unknown_failures >= sender.unknown_error_attempts - 1
+            # The last allowed attempt: an error nobody can classify is then isolated like a refusal.
+            isolate = self._unknown_failures >= sender.unknown_error_attempts - 1
             try:
                 if sender.client is None:  # made here: opening a database store does I/O
                     sender.client = MlflowClient(queue.tracking_uri)
-                sender.send(batch, outcome)
+                sender.send(batch, outcome, isolate_unknown=isolate)
             except Exception as e:  # noqa: BLE001 - a transient failure (or an unknown one, retried)
                 error = e
             finally:
-                sender.isolate_unknown = False
                 if outcome:  # progress: the head moved on
                     self._unknown_failures = 0
                 queue._settle(lane, outcome)  # what was written or refused before a failure is done with
