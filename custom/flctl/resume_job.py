@@ -8,6 +8,8 @@ where the continuation job is written. Shared by `flctl simulate --resume` and `
 (POC, and a provisioned FL server's host). Every refusal is a CliError of one line.
 """
 
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +37,23 @@ class Prepared:
         )
 
 
+LOCK_WAIT_SECONDS = 15
+
+
+def lock_holders(lock: Path) -> str:
+    """ ": PID n (its command)" for each process with the lock file open, as far as /proc shows."""
+    found = []
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        try:
+            if os.readlink(fd) == str(lock):
+                pid = fd.parts[2]
+                command = (Path("/proc") / pid / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                found.append(f"PID {pid} ({command[:80].strip()})")
+        except OSError:
+            continue
+    return f": {', '.join(sorted(set(found)))}" if found else ""
+
+
 def recover_first(server_job_dir: Path, tracking_uri, say) -> None:
     """The dead job's tracking written out and its runs ended before they go on (recovery.py):
     what the journal accepted beyond MLflow's cursor is in MLflow, so the last steps are known."""
@@ -43,12 +62,22 @@ def recover_first(server_job_dir: Path, tracking_uri, say) -> None:
 
     if load_state(server_job_dir / JOURNAL_DIR).get("ended"):
         return
-    try:
-        account = recover(server_job_dir, tracking_uri)
-    except JournalBusy:
-        raise CliError(f"{server_job_dir}: its FL server still runs (it holds the journal); stop it first") from None
-    except RecoveryError as e:
-        raise CliError(str(e)) from None
+    # A server just killed may still be closing its files: its lock goes with its last process.
+    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+    while True:
+        try:
+            account = recover(server_job_dir, tracking_uri)
+            break
+        except JournalBusy:
+            if time.monotonic() < deadline:
+                time.sleep(0.5)
+                continue
+            holders = lock_holders(server_job_dir / JOURNAL_DIR / "lock")
+            raise CliError(
+                f"{server_job_dir}: its FL server still runs (it holds the journal{holders}); stop it first"
+            ) from None
+        except RecoveryError as e:
+            raise CliError(str(e)) from None
     say(f"recovery: {summary_line(server_job_dir, account)}")
     if sum(account.get("lost", {}).values()):
         raise CliError("the dead job's tracking is not recovered in full; run it again once MLflow is reachable")
