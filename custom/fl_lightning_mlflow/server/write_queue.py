@@ -54,6 +54,8 @@ class WriteQueue:
         resume, run_ids, experiment_id: recovery: what lies beyond the journal's cursor is queued
             again, into the runs known before the writer starts.
         """
+        # The one holder of the URI the job writes to: the writer's client is made from it, the sink's
+        # state shows it, and the actions reach the store only through that client.
         self.tracking_uri = tracking_uri
         self.actions = actions
         self.log = logger or logging.getLogger(__name__)
