@@ -272,9 +272,7 @@ class SiteExecutor(Executor):
             fit = self.engine.fit(global_weights, fl_round, abort_signal, global_controls=task.controls)
         if self._better_local(fit.metrics):
             torch.save({k: torch.as_tensor(v) for k, v in fit.weights.items()}, self.app_dir / BEST_MODEL_FILE)
-        # Before counting: the engine may still hold records (FlareLogger gathers them for up to a
-        # second), and the counts a task result carries must all have been sent before it.
-        self.engine.flush()
+        self.engine.flush()  # before counting (FlareLogger holds records up to 1 s): the result reports all sent
         self._save_state()
         self.log_info(
             fl_ctx,
