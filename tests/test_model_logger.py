@@ -41,14 +41,16 @@ def parent(tmp_path, monkeypatch):
         torch.save(CifarNet().state_dict(), paths[r])
     previous = tracking_utils._tracking_uri
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # restored after the test
+    mlflow.set_tracking_uri(uri)  # the test's own reads of models:/ URIs go through MLflow's global URI
     yield uri, client, experiment, run_id, paths
-    mlflow.set_tracking_uri(previous)  # a guard: ModelLogger leaves the global URI as it found it
+    mlflow.set_tracking_uri(previous)
 
 
-def test_round_models_the_champion_and_the_final_model(parent):
+def test_round_models_the_champion_and_the_final_model(parent, tmp_path):
     uri, client, experiment, run_id, paths = parent
     logger = ModelLogger("cifar10_example.network.CifarNet", NAME)
-    global_uri = tracking_utils._tracking_uri
+    elsewhere = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    mlflow.set_tracking_uri(elsewhere)  # not the job's store: ModelLogger must neither use nor move it
     round_1 = logger.log_model(client, run_id, experiment, paths[1], "round", 1)
     again = ModelLogger(logger.model_spec, NAME)  # a retried action after a lost reply: found, not logged
     assert again.log_model(client, run_id, experiment, paths[1], "round", 1) == round_1
@@ -56,7 +58,8 @@ def test_round_models_the_champion_and_the_final_model(parent):
     # At job end: the best round is round 1 (logged already), the final model comes after 2 rounds.
     logger.log(client, run_id, "job-1", paths[2], paths[1], (1, 0.4), True, job_uid="uid-1", exp_id=experiment,
                final_step=2)  # fmt: skip
-    assert tracking_utils._tracking_uri == global_uri  # only the writer's client knew the store
+    assert tracking_utils._tracking_uri == elsewhere and not (tmp_path / "elsewhere.db").exists()
+    mlflow.set_tracking_uri(uri)  # the test's own reads from here
 
     models = {m.tags["fl_model"]: m for m in client.search_logged_models(experiment_ids=[experiment])}
     assert sorted(models) == ["final", "round"] and {m.name for m in models.values()} == {MODEL_NAME}
