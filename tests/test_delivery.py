@@ -11,7 +11,7 @@ from fl_lightning_mlflow.common.protocol import GLOBAL_PREFIX, METRICS, METRICS_
 from fl_lightning_mlflow.server.delivery import DeliveryLedger
 from fl_lightning_mlflow.server.records import RecordChecker
 from fl_lightning_mlflow.site.engine import SiteContext
-from fl_lightning_mlflow.site.executor import flush_engine, with_sent_counts
+from fl_lightning_mlflow.site.executor import with_sent_counts
 from fl_lightning_mlflow.site.flare_logger import SentCounter
 from test_site_engines import BATCH, LOG_EVERY, Sink, global_weights
 
@@ -130,7 +130,7 @@ def test_the_train_result_of_a_real_engine_run_carries_what_was_sent(kind, offli
     start = global_weights(3)
     engine.evaluate(start, None, fl_round=0, log_prefix=GLOBAL_PREFIX)
     fit = engine.fit(start, 0, None)
-    flush_engine(engine)
+    engine.flush()  # as the executor does before counting
     dxo = DXO(data_kind=DataKind.WEIGHT_DIFF, data={k: v - start[k] for k, v in fit.weights.items()})
     dxo.set_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND, fit.samples)
     counts = from_shareable(with_sent_counts(dxo, counter.snapshot()).to_shareable()).get_meta_prop(SENT_COUNTS_META)

@@ -41,20 +41,25 @@ def parent(tmp_path, monkeypatch):
         torch.save(CifarNet().state_dict(), paths[r])
     previous = tracking_utils._tracking_uri
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # restored after the test
+    mlflow.set_tracking_uri(uri)  # the test's own reads of models:/ URIs go through MLflow's global URI
     yield uri, client, experiment, run_id, paths
-    mlflow.set_tracking_uri(previous)  # ModelLogger sets the fluent API's URI
+    mlflow.set_tracking_uri(previous)
 
 
-def test_round_models_the_champion_and_the_final_model(parent):
+def test_round_models_the_champion_and_the_final_model(parent, tmp_path):
     uri, client, experiment, run_id, paths = parent
     logger = ModelLogger("cifar10_example.network.CifarNet", NAME)
-    round_1 = logger.log_model(client, uri, run_id, experiment, paths[1], "round", 1)
+    elsewhere = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    mlflow.set_tracking_uri(elsewhere)  # not the job's store: ModelLogger must neither use nor move it
+    round_1 = logger.log_model(client, run_id, experiment, paths[1], "round", 1)
     again = ModelLogger(logger.model_spec, NAME)  # a retried action after a lost reply: found, not logged
-    assert again.log_model(client, uri, run_id, experiment, paths[1], "round", 1) == round_1
-    assert logger.log_model(client, uri, run_id, experiment, "/nonexistent.pt", "round", 0) is None
+    assert again.log_model(client, run_id, experiment, paths[1], "round", 1) == round_1
+    assert logger.log_model(client, run_id, experiment, "/nonexistent.pt", "round", 0) is None
     # At job end: the best round is round 1 (logged already), the final model comes after 2 rounds.
-    logger.log(client, uri, run_id, "job-1", paths[2], paths[1], (1, 0.4), True, job_uid="uid-1", exp_id=experiment,
+    logger.log(client, run_id, "job-1", paths[2], paths[1], (1, 0.4), True, job_uid="uid-1", exp_id=experiment,
                final_step=2)  # fmt: skip
+    assert tracking_utils._tracking_uri == elsewhere and not (tmp_path / "elsewhere.db").exists()
+    mlflow.set_tracking_uri(uri)  # the test's own reads from here
 
     models = {m.tags["fl_model"]: m for m in client.search_logged_models(experiment_ids=[experiment])}
     assert sorted(models) == ["final", "round"] and {m.name for m in models.values()} == {MODEL_NAME}
@@ -82,7 +87,7 @@ def test_round_models_the_champion_and_the_final_model(parent):
     assert logger.input_spec is None and info.saved_input_example_info is None and info.signature is None
 
     # The next job's best takes the alias; this job's version stays.
-    logger.log(client, uri, run_id, "job-1", paths[2], paths[1], (1, 0.4), True, job_uid="uid-1", exp_id=experiment,
+    logger.log(client, run_id, "job-1", paths[2], paths[1], (1, 0.4), True, job_uid="uid-1", exp_id=experiment,
                final_step=2)  # fmt: skip
     assert len(client.search_model_versions(f"name='{NAME}'")) == 2  # retried whole: registered once each
     other = ModelLogger(logger.model_spec, NAME)
@@ -128,7 +133,7 @@ def test_the_persistors_lightning_module_is_copied_with_an_input_example_of_the_
                                                 "input_shape": [1, 28, 28]}))])  # fmt: skip
     assert logger.input_spec == ((3, 32, 32), "float32")  # the first site's: all sites train one model
 
-    model_id = logger.log_model(client, uri, run_id, experiment, weights, "round", 1)
+    model_id = logger.log_model(client, run_id, experiment, weights, "round", 1)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # a copy got the weights
     info = mlflow.models.get_model_info(f"models:/{model_id}")
     assert info.saved_input_example_info["type"] == "ndarray"

@@ -250,7 +250,7 @@ def test_a_model_version_is_registered_once_when_registration_is_retried(store, 
     tags = {"job_id": "simulate_job", JOB_UID_TAG: "uid-1", "model": "best_global_model", "round": "1"}
     previous = tracking_utils._tracking_uri  # None unless a test set it: then back to the environment
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # restored after the test
-    mlflow.set_tracking_uri(uri)  # the registry resolves models:/ URIs with the global one; ModelLogger.log sets it
+    mlflow.set_tracking_uri(uri)  # the registry resolves models:/ URIs with the global one (as register does)
     try:
         logger.register(client, model.model_id, run_id, tags, "champion")
         logger.register(client, model.model_id, run_id, tags, "champion")  # retried after a lost reply: found

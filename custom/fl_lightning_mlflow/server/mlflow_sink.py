@@ -55,8 +55,8 @@ class MLflowSink:
         self.log = logger or logging.getLogger(__name__)
         self.journal_dir, self.last_round, self.ended = self.run_dir / JOURNAL_DIR, None, False
         self._state_lock = threading.Lock()
-        # The job's own tracking URI stays in its state, whatever URI a recovery was told to use.
-        self.state_uri = redact_uri((resume or {}).get("tracking_uri") or tracking_uri)
+        # The job's own tracking URI as its state recorded it, whatever URI a recovery was told to use.
+        self.recorded_uri = (resume or {}).get("tracking_uri")
         if resume:
             self.job_uid, self.job_id = resume["job_uid"], resume.get("job_id", "")
             self.sites, self.last_round = list(resume.get("sites") or []), resume.get("last_round")
@@ -78,6 +78,12 @@ class MLflowSink:
         )  # fmt: skip
         self.tree = RunTree(self, self.queue.runs)
         self.save_state()
+
+    @property
+    def state_uri(self) -> str:
+        """The URI the state file shows: the resumed job's own, else the write queue's (the one
+        holder of the URI this sink writes to), without credentials."""
+        return redact_uri(self.recorded_uri or self.queue.tracking_uri)
 
     def save_state(self) -> None:
         """What recovery needs, beside the journal (atomically replaced). Never raises. Called
@@ -209,13 +215,13 @@ class MLflowSink:
     def _log_models(self, client, final_path, best_path, best_info, register, final_step=None):
         parent_id, exp_id = self._run_id(PARENT), self.queue.runs.experiment_id
         self.models.log(
-            client, self.queue.tracking_uri, parent_id, self.job_id, final_path, best_path, best_info, register,
+            client, parent_id, self.job_id, final_path, best_path, best_info, register,
             job_uid=self.job_uid, exp_id=exp_id, final_step=final_step,
         )  # fmt: skip
 
     def _log_round_model(self, client, path, fl_round):
         parent_id, exp_id = self._run_id(PARENT), self.queue.runs.experiment_id
-        if self.models.log_model(client, self.queue.tracking_uri, parent_id, exp_id, path, "round", fl_round):
+        if self.models.log_model(client, parent_id, exp_id, path, "round", fl_round):
             Path(path).unlink(missing_ok=True)  # in MLflow now; the copy only waited for the writer
         else:
             self.log.warning(f"MLflow: round {fl_round}'s global model is gone ({path}); not logged")

@@ -10,7 +10,9 @@ the alias `champion`, the final under `final` (MLflow reserves `latest`), so
 Runs in the write queue's thread as one of the sink's actions, and is retried whole when it
 fails on the way: a logged model is looked up by its run, kind and step before it is logged
 again, and a model version by its tags before one is registered (the tags go with the
-registration request, so no retry can leave an untagged version behind).
+registration request, so no retry can leave an untagged version behind). Everything goes through
+the writer's client (server.model_upload): no global MLflow state is set from the writer thread,
+but for the one registry call MLflow itself resolves with the global URI, set and restored there.
 """
 
 import copy
@@ -25,6 +27,7 @@ from mlflow.exceptions import MlflowException
 
 from fl_lightning_mlflow.common.class_spec import build
 from fl_lightning_mlflow.server.dataset_inputs import input_spec_of
+from fl_lightning_mlflow.server.model_upload import registry_uri_of, upload_model
 from fl_lightning_mlflow.server.write_errors import refusal
 
 JOB_UID_TAG = "fl_job_uid"  # unique per job start, on every run and registered version of the job
@@ -153,14 +156,10 @@ class ModelLogger:
         shape, dtype = self.input_spec
         return np.zeros((1, *shape), dtype=dtype)
 
-    def log_model(self, client, tracking_uri, parent_id, exp_id, path, kind: str, step: int) -> str | None:
+    def log_model(self, client, parent_id, exp_id, path, kind: str, step: int) -> str | None:
         """The LoggedModel of this kind and step on the parent run: found if an earlier attempt
-        logged it, else logged from the weights in `path` (None if there are none). MLflow links
-        the parent run's metrics at `step` to it (Model.log does, for a run_id and step)."""
-        import mlflow
-
-        mlflow_pytorch = import_mlflow_pytorch()
-
+        logged it, else logged from the weights in `path` (None if there are none), through the
+        client alone (server.model_upload), linked to the parent run's metrics at `step`."""
         key = (kind, int(step))
         if key in self.logged:
             return self.logged[key]
@@ -169,23 +168,17 @@ class ModelLogger:
         if model_id is None:
             if not Path(path).is_file():
                 return None
-            mlflow.set_tracking_uri(tracking_uri)  # the fluent API the flavour logs through
             net, code = self.load(path)
-            # Made here, in the job's experiment: without an active run, the flavour would make it
-            # in the fluent API's current experiment (Default), artifacts and all.
+            # Made here, in the job's experiment, with the tags a retry finds it by.
             tags = {KIND_TAG: kind, ROUND_TAG: str(int(step))}
-            pending = client.create_logged_model(exp_id, name=MODEL_NAME, source_run_id=parent_id, tags=tags)
-            model_id = mlflow_pytorch.log_model(
-                net,
-                name=MODEL_NAME,
-                model_id=pending.model_id,
-                run_id=parent_id,  # no fluent run: the parent run stays RUNNING
-                step=int(step),
+            model_id = client.create_logged_model(exp_id, name=MODEL_NAME, source_run_id=parent_id, tags=tags).model_id
+            upload_model(
+                client, model_id, parent_id, int(step), net, import_mlflow_pytorch(),
                 code_paths=[code] if code else None,
                 input_example=self.example(),  # MLflow infers the signature from it
                 pip_requirements=requirements(net),
                 serialization_format="pickle",  # the module object: any batch size, code_paths bring the class
-            ).model_id
+            )  # fmt: skip
         self.logged[key] = model_id
         return model_id
 
@@ -209,7 +202,6 @@ class ModelLogger:
     def log(
         self,
         client,
-        tracking_uri,
         parent_id,
         job_id,
         final_path,
@@ -225,9 +217,9 @@ class ModelLogger:
         first looks for what an earlier attempt (or a lost reply) did."""
         best_id = final_id = None
         if best_info:
-            best_id = self.log_model(client, tracking_uri, parent_id, exp_id, best_path, "round", best_info[0])
+            best_id = self.log_model(client, parent_id, exp_id, best_path, "round", best_info[0])
         if final_step is not None:
-            final_id = self.log_model(client, tracking_uri, parent_id, exp_id, final_path, "final", final_step)
+            final_id = self.log_model(client, parent_id, exp_id, final_path, "final", final_step)
         if not register:
             return
         tags = {"job_id": job_id, JOB_UID_TAG: job_uid}
@@ -260,9 +252,10 @@ class ModelLogger:
             except MlflowException as e:
                 if e.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
-            version = client.create_model_version(
-                name, f"models:/{model_id}", run_id=run_id, tags=tags, model_id=model_id
-            ).version
+            with registry_uri_of(client):  # MLflow's database registry resolves models:/ with the global URI
+                version = client.create_model_version(
+                    name, f"models:/{model_id}", run_id=run_id, tags=tags, model_id=model_id
+                ).version
         client.set_registered_model_alias(name, alias, version)  # moves the alias from an earlier job's version
         self.aliases[alias] = str(version)
 

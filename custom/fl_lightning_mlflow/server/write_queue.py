@@ -55,7 +55,7 @@ class WriteQueue:
         resume, run_ids, experiment_id: recovery: what lies beyond the journal's cursor is queued
             again, into the runs known before the writer starts.
         """
-        self.tracking_uri = tracking_uri
+        self.tracking_uri = tracking_uri  # its one holder: the writer's client, the sink's state ask it
         self.actions = actions
         self.log = logger or logging.getLogger(__name__)
         self.runs = RunRegistry(run_ids, experiment_id, self.log)

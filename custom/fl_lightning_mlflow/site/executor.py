@@ -84,12 +84,6 @@ def with_counts(dxo: DXO, telemetry: SiteTelemetry) -> DXO:
     return with_sent_counts(dxo, telemetry.sent.snapshot(), telemetry.gate.snapshot())
 
 
-def flush_engine(engine: SiteEngine) -> None:
-    """Hand on what the engine still holds (FlareLogger gathers records for up to a second), so
-    the counts a task result carries were all sent before it."""
-    engine.flush()
-
-
 def best_so_far(metrics: dict, key_metric: str, mode: str, best) -> tuple:
     """(whether this model is the best so far, the best key metric value now). No key metric: the
     last model is the best; a model whose key metric was not measured counts only while none was."""
@@ -279,7 +273,7 @@ class SiteExecutor(Executor):
             fit = self.engine.fit(global_weights, fl_round, abort_signal, global_controls=task.controls)
         if self._better_local(fit.metrics):
             torch.save({k: torch.as_tensor(v) for k, v in fit.weights.items()}, self.app_dir / BEST_MODEL_FILE)
-        flush_engine(self.engine)  # before counting: the result reports what was sent up to it
+        self.engine.flush()  # before counting (FlareLogger holds records up to 1 s): the result reports all sent
         self._save_state()
         self.log_info(
             fl_ctx,
@@ -304,7 +298,7 @@ class SiteExecutor(Executor):
         self.telemetry.announce_policy(self.engine)
         metrics = self.engine.evaluate(weights_of(from_shareable(shareable)), abort_signal)
         self.log_info(fl_ctx, f"validated model from {model_owner}: {metrics}")
-        flush_engine(self.engine)
+        self.engine.flush()
         metrics = self.telemetry.gate.result_metrics(metrics)  # the cross-site matrix: what the site lets out
         return with_counts(DXO(data_kind=DataKind.METRICS, data=metrics), self.telemetry).to_shareable()
 
@@ -316,5 +310,5 @@ class SiteExecutor(Executor):
         state = torch.load(path, map_location="cpu", weights_only=True)
         weights = {k: v.numpy() for k, v in state.items()}
         # Cross-site evaluation asks for this after the last round: one more, later, report of the counts.
-        flush_engine(self.engine)
+        self.engine.flush()
         return with_counts(DXO(data_kind=DataKind.WEIGHTS, data=weights), self.telemetry).to_shareable()
