@@ -245,3 +245,21 @@ def test_flctl_resume_of_a_finished_job_refuses_in_one_line(tmp_path, empty_stor
     assert err == "flctl resume: job job-1 finished (its runs are FINISHED): nothing to resume"
     assert main(["resume", str(run_dir), "--job", str(tmp_path)]) == 1
     assert "is not a job folder" in capsys.readouterr().err
+
+
+def test_a_journal_held_by_a_live_process_is_refused_after_a_wait_naming_its_holder(tmp_path, monkeypatch):
+    import os
+
+    from fl_lightning_mlflow.server.journal import JOURNAL_DIR, save_state, try_lock
+    from flctl import resume_job
+
+    journal = tmp_path / "job" / JOURNAL_DIR
+    journal.mkdir(parents=True)
+    save_state(journal, {"job_uid": "u1", "tracking_uri": "sqlite:////nowhere.db", "ended": False})
+    held = try_lock(journal)  # this process plays the FL server that still runs
+    monkeypatch.setattr(resume_job, "LOCK_WAIT_SECONDS", 0.6)
+    assert resume_job.lock_holders(journal / "lock").startswith(f": PID {os.getpid()} (")
+    assert resume_job.lock_holders(tmp_path / "nobody-holds-this") == ""
+    with pytest.raises(CliError, match=rf"its FL server still runs \(it holds the journal: PID {os.getpid()} "):
+        resume_job.recover_first(tmp_path / "job", None, say=print)
+    held.close()
