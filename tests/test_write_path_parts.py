@@ -102,3 +102,55 @@ def test_the_budget_rule_lets_the_first_points_out_and_holds_the_rest():
     assert rule.metrics({"c": 3, "d": 4}) == {"c": 3}
     assert rule.metrics({"e": 5}) == {} and rule.budget.throttled == 2
     assert rule.streams_only and rule.column == "throttled"
+
+
+def test_a_run_mlflow_refuses_to_create_is_marked_dead_and_a_network_error_is_not(tmp_path):
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    from fl_lightning_mlflow.server.run_tree import RunTree
+
+    runs = RunRegistry({"site-1": "abc"}, logger=LOG)
+    tree = RunTree(None, runs)
+    tree.refused(ConnectionError("down"), ["site-2"])  # retried later: not dead
+    assert runs.dead == {}
+    tree.refused(MlflowException("experiment deleted", error_code=INVALID_PARAMETER_VALUE), ["site-1", "site-2"])
+    assert list(runs.dead) == ["site-2"] and "run not created" in runs.dead["site-2"]  # site-1 exists already
+
+
+def test_a_rounds_model_is_saved_beside_the_journal_and_queued_only_for_its_round(tmp_path):
+    import numpy as np
+
+    from fl_lightning_mlflow.server.model_policy import ROUND_MODELS_DIR, queue_round_model
+
+    class Sink:
+        run_dir, queued = tmp_path, []
+
+        def round_model(self, path, fl_round):
+            self.queued.append((path.name, fl_round))
+
+    sink, weights = Sink(), {"w": np.ones(3, dtype=np.float32)}
+    assert queue_round_model(sink, (1, weights), 2, LOG) is None and sink.queued == []  # another round's copy
+    assert queue_round_model(sink, None, 2, LOG) is None and sink.queued == []
+    queue_round_model(sink, (2, weights), 2, LOG)
+    assert sink.queued == [("round_2.pt", 2)] and (tmp_path / ROUND_MODELS_DIR / "round_2.pt").is_file()
+    blocked = tmp_path / "blocked"
+    blocked.write_text("")
+    sink.run_dir = blocked  # its folder cannot be made: said as a warning, nothing raised
+    assert queue_round_model(sink, (3, weights), 3, LOG) is None and len(sink.queued) == 1
+
+
+def test_the_writer_loop_starts_the_threads_it_is_asked_for_and_at_least_one():
+    from fl_lightning_mlflow.server.writer_loop import WriterLoop
+
+    class Idle:  # a queue with nothing to take, closing: each thread ends at once
+        def _take(self):
+            return None
+
+    loop = WriterLoop(Idle(), 0.01, 0.1)
+    threads = loop.start(3)
+    assert [t.name for t in threads] == ["mlflow-writer-0", "mlflow-writer-1", "mlflow-writer-2"]
+    assert len(loop.start(0)) == 1
+    for t in threads:
+        t.join(5)
+    assert not any(t.is_alive() for t in threads) and loop.last_error is None
