@@ -16,7 +16,7 @@ from pathlib import Path
 from flctl.errors import CliError
 from flctl.outcome import judge
 from flctl.resume_job import prepare
-from flctl.simulate import PROGRESS, RoundProgress, Simulation, nvflare_simulator, report
+from flctl.simulate import PROGRESS, RoundProgress, Simulation, nvflare_simulator, report, shown_command
 
 SERVER_JOB = Path("simulator") / "server" / "simulate_job"
 
@@ -51,7 +51,7 @@ def resume_simulation(run_dir, tracking_uri=None, threads=None, gpu=None, evalua
     say(prepared.summary())
     sites = len(plan["sites"]) or 1
     sim_ws, log_path = new_dir / "simulator", new_dir / "simulator.log"
-    say(f"running: nvflare simulator {prepared.job} -n {sites} -t {threads or sites} -w {sim_ws}")
+    say(f"running: {shown_command(sites, threads)} {prepared.job} -n {sites} -t {threads or sites} -w {sim_ws}")
     say(f"(log: {log_path})")
     if show is PROGRESS:
         show = RoundProgress(prepared.rounds_left)

@@ -17,6 +17,11 @@ Each run gets its own folder WORKSPACE/runs/<time>; WORKSPACE/latest points to i
 goes on with a run that was killed mid-job (flctl.sim_resume): from its last global model, at
 the round after its last completed one, into its own MLflow runs; the job's settings stay its own.
 
+--threads N below --sites runs N sites at a time. FLARE's simulator would then start a new worker
+process for every task of every site (torch imported, the app and the site's engine built and its
+data loaded, each time); flctl runs the same simulator with each site's worker kept between its
+turns instead (flctl.warm_sites; --cold-turns for FLARE's own).
+
 --site-policy SITE=FILE gives a site its disclosure policy (docs/site-policy.md), checked first and
 placed where the simulator's site reads it: the simulator workspace's local/ folder, which every
 site copies, as disclosure_policy.SITE.json.
@@ -94,11 +99,26 @@ class SimulatorTimeout(RuntimeError):
     """The simulator ran past its time limit (it was ended with everything it started)."""
 
 
+def simulator_command(sites: int, threads=None, cold_turns=False) -> list:
+    """`nvflare simulator`; with fewer threads than sites, flctl.warm_simulator (the same simulator,
+    each site's worker kept between its turns: flctl.warm_sites) unless cold_turns."""
+    if threads and threads < sites and not cold_turns:
+        return [sys.executable, "-m", "flctl.warm_simulator"]
+    return [str(Path(sys.executable).parent / "nvflare"), "simulator"]
+
+
+def shown_command(sites: int, threads=None, cold_turns=False) -> str:
+    """simulator_command as the `running:` line shows it."""
+    cmd = simulator_command(sites, threads, cold_turns)
+    return "nvflare simulator" if cmd[-1] == "simulator" else "python -m flctl.warm_simulator"
+
+
 def nvflare_simulator(
-    job, workspace, sites: int, threads=None, gpu=None, log_path=None, show=None, env=None, timeout=None
-) -> subprocess.CompletedProcess:
-    """`nvflare simulator JOB -n SITES -t THREADS -w WORKSPACE`, through run_logged."""
-    cmd = [str(Path(sys.executable).parent / "nvflare"), "simulator", str(job), "-n", str(sites)]
+    job, workspace, sites: int, threads=None, gpu=None, log_path=None, show=None, env=None, timeout=None,
+    cold_turns=False,
+) -> subprocess.CompletedProcess:  # fmt: skip
+    """`nvflare simulator JOB -n SITES -t THREADS -w WORKSPACE` (simulator_command), through run_logged."""
+    cmd = simulator_command(sites, threads, cold_turns) + [str(job), "-n", str(sites)]
     cmd += ["-t", str(threads or sites), "-w", str(workspace)] + (["-gpu", str(gpu)] if gpu is not None else [])
     env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}  # lines as they come, not at exit
     return run_logged(cmd, env, log_path, show, timeout)
@@ -224,6 +244,7 @@ def simulate(
     env=None,
     timeout=None,
     site_policies=None,
+    cold_turns=False,
 ) -> Simulation:
     """The whole run; CliError on a failure before the simulator starts or a failed run."""
     job_src = resolve_job(job)
@@ -251,11 +272,11 @@ def simulate(
     sim_ws = run_dir / "simulator"
     place_policies(sim_ws, site_policies)
     log_path = run_dir / "simulator.log"
-    say(f"running: nvflare simulator {job_copy} -n {sites} -t {threads or sites} -w {sim_ws}")
+    say(f"running: {shown_command(sites, threads, cold_turns)} {job_copy} -n {sites} -t {threads or sites} -w {sim_ws}")
     say(f"(log: {log_path})")
     if show is PROGRESS:
         show = RoundProgress(rounds)
-    result = nvflare_simulator(job_copy, sim_ws, sites, threads, gpu, log_path, show, env, timeout)
+    result = nvflare_simulator(job_copy, sim_ws, sites, threads, gpu, log_path, show, env, timeout, cold_turns)
     run = Simulation(run_dir, job_copy, sim_ws / "server" / "simulate_job", result.returncode, result.stdout)
     if result.returncode != 0:
         raise CliError(f"the simulator failed (exit {result.returncode}); see {log_path}")
@@ -327,6 +348,9 @@ def register(subparsers) -> None:
     p.add_argument("--experiment", help="MLflow experiment name (default: the job's)")
     p.add_argument("--threads", type=positive_int, help="sites the simulator runs at once (default: all)")
     p.add_argument("--gpu", help="GPU ids for the simulator's -gpu option, e.g. 0")
+    p.add_argument("--cold-turns", action="store_true",
+                   help="with fewer threads than sites, FLARE's own turns: a new worker process per task "
+                   "(default: each site's worker kept between its turns)")  # fmt: skip
     p.add_argument("--resume", metavar="RUN_DIR", help="go on with a killed run (WORKSPACE/runs/<time> or latest)")
     p.add_argument("--site-policy", type=policy_arg, action="append", metavar="SITE=FILE",
                    help="a site's disclosure policy (JSON; repeat per site; see flctl policy)")  # fmt: skip
@@ -354,6 +378,7 @@ def run(args) -> int:
         args.threads,
         args.gpu,
         site_policies=dict(args.site_policy or []),
+        cold_turns=args.cold_turns,
     )
     what = f"{sim.job.name}, {args.sites} sites x {args.rounds} rounds x {args.epochs} epoch(s)"
     report(sim, args.tracking_uri, started, what)
