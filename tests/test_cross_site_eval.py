@@ -1,5 +1,6 @@
 """What cross-site evaluation covers (server.cross_site_eval): the workflow's setting, what the
-parent run's cross-site table records, and one short simulator run with the global models only."""
+parent run's cross-site table records, and one short simulator run with the global models only,
+on fewer simulator threads than sites (each site's worker kept between its turns)."""
 
 import json
 from pathlib import Path
@@ -80,18 +81,26 @@ def test_flctl_check_names_a_bad_setting(tmp_path):
     assert len(named) == 1 and "'some'" in named[0] and "\n" not in named[0], problems
 
 
-@pytest.mark.slow
-def test_global_only_evaluates_the_global_models_and_the_parent_run_says_so(offline_data, template_job, tmp_path):
-    import mlflow
-
-    from conftest import tracked_runs
+@pytest.fixture(scope="module")
+def global_only_run(offline_data, template_job, tmp_path_factory):
+    """2 sites, 1 round, the global models only, on 1 simulator thread: the setting for many sites
+    on few threads, where flctl keeps each site's worker between its turns (flctl.warm_sites)."""
     from flctl.simulate import simulate
 
-    run = simulate(
-        template_job, tmp_path, offline_data, sites=2, rounds=1, epochs=1,
+    return simulate(
+        template_job, tmp_path_factory.mktemp("global-only"), offline_data, sites=2, rounds=1, epochs=1, threads=1,
         extra_settings={"server.cross_site_models": "global", "client.system_metrics_seconds": 0},
         prepare=False, evaluate=False, say=lambda msg: None, show=None, timeout=600,
     )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_global_only_evaluates_the_global_models_and_the_parent_run_says_so(global_only_run):
+    import mlflow
+
+    from conftest import tracked_runs
+
+    run = global_only_run
     assert run.outcome.ok, (run.outcome.problems, run.log[-3000:])
     server = run.server_dir
     assert json.loads((server / STATS_FILE).read_text())["lost"] == {}
@@ -105,3 +114,23 @@ def test_global_only_evaluates_the_global_models_and_the_parent_run_says_so(offl
     column = table["columns"].index("evaluated")
     assert len(table["data"]) == len(evaluated) * 2 * 2 and {row[column] for row in table["data"]} == {"global"}
     assert "submit_model" not in run.log  # no site was asked for its model
+
+
+@pytest.mark.slow
+def test_with_fewer_threads_than_sites_each_site_worker_serves_all_its_turns(global_only_run):
+    """A train turn and a validate turn per global model for each site, all in one worker process,
+    its data loaded once."""
+    import os
+
+    from conftest import tracked_runs
+
+    run = global_only_run
+    _, (parent,), _ = tracked_runs(run.server_dir)
+    evaluated = {name.split("/")[1] for name in parent.data.metrics if name.startswith("cross_site/")}
+    for site in ("site-1", "site-2"):
+        log = (run.run_dir / "simulator" / site / "log.txt").read_text()
+        assert log.count("ClientTaskWorker started to run") == 1, site
+        assert log.count("Finished one task run") == 1 + len(evaluated), site
+        assert log.count(f"{site}: 2700 train / 300 val samples") == 1, site
+    assert "warm sites: 2 worker process(es) started in all" in run.log
+    assert run.log.count(f"{len(os.sched_getaffinity(0))} torch thread(s)") == 2  # one site at a time: all cores
