@@ -6,7 +6,8 @@
 Takes `nvflare simulator`'s own options and runs FLARE's SimulatorRunner, whose sites run in
 WarmSiteRunner instead of FLARE's SimulatorClientRunner. flctl simulate uses it when it runs
 fewer threads than sites. --keep-workers K parks at most K idle workers (default: as many as
-memory allows).
+memory allows). Workers are forked from one process that imported torch and Lightning once
+(flctl.worker_zygote); --no-fork starts each as a new process, as FLARE does.
 """
 
 import argparse
@@ -20,6 +21,7 @@ from nvflare.private.fed.app.simulator.simulator_runner import SimulatorRunner
 from nvflare.private.fed.app.utils import version_check
 
 from flctl.warm_sites import WarmSiteRunner
+from flctl.worker_zygote import ZygoteClient
 
 SUPPORTED_NVFLARE = "2.9."  # the simulator's worker protocol WarmSiteRunner speaks
 
@@ -27,13 +29,22 @@ SUPPORTED_NVFLARE = "2.9."  # the simulator's worker protocol WarmSiteRunner spe
 class WarmSimulatorRunner(SimulatorRunner):
     """FLARE's simulator; only its sites' runner differs."""
 
-    def __init__(self, *args, keep_workers=None, **kwargs):
+    def __init__(self, *args, keep_workers=None, fork=True, **kwargs):
         super().__init__(*args, **kwargs)
-        self.keep_workers = keep_workers
+        self.keep_workers, self.fork, self.zygote = keep_workers, fork, None
+
+    def simulator_run_main(self):
+        # The zygote imports while the server starts; it ends with the run.
+        self.zygote = ZygoteClient(os.environ.copy()) if self.fork else None
+        try:
+            return super().simulator_run_main()
+        finally:
+            if self.zygote is not None:
+                self.zygote.close()
 
     def client_run(self, server_custom_folder, clients, gpu):
         runner = WarmSiteRunner(server_custom_folder, self.args, clients, self.client_config, self.deploy_args,
-                                self.build_ctx, keep=self.keep_workers)  # fmt: skip
+                                self.build_ctx, keep=self.keep_workers, zygote=self.zygote)  # fmt: skip
         runner.run(gpu)
 
 
@@ -41,6 +52,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flctl.warm_simulator", description=__doc__.splitlines()[0])
     define_simulator_parser(parser)
     parser.add_argument("--keep-workers", type=int, help="park at most K idle site workers (default: memory)")
+    parser.add_argument("--no-fork", action="store_true", help="start each worker as a new process (no zygote)")
     args = parser.parse_args(argv)
     if not nvflare.__version__.startswith(SUPPORTED_NVFLARE):
         why = f"nvflare {nvflare.__version__} is not {SUPPORTED_NVFLARE}x, whose simulator worker it drives"
@@ -60,6 +72,7 @@ def main(argv=None) -> int:
         max_clients=args.max_clients,
         end_run_for_all=args.end_run_for_all,
         keep_workers=args.keep_workers,
+        fork=not args.no_fork,
     )
     return runner.run()
 

@@ -40,6 +40,8 @@ from nvflare.private.fed.app.simulator.simulator_runner import SimulatorClientRu
 from nvflare.private.fed.simulator.simulator_const import SimulatorConstants
 from nvflare.utils.job_launcher_utils import add_custom_dir_to_path
 
+from flctl.worker_zygote import ZygoteClient
+
 WORKER_MODULE = "nvflare.private.fed.app.simulator.simulator_worker"
 MIN_FREE_MEMORY = 0.15  # park no more workers once less than this share of memory is available
 RELEASE_GRACE = 1.0  # seconds a told-to-stop worker gets to release the site's app (SWAP_OUT)
@@ -119,11 +121,12 @@ def stop_worker(worker: Worker, release: float = RELEASE_GRACE, end: float = END
 class WarmSiteRunner(SimulatorClientRunner):
     """FLARE's simulator client runner, with parked workers and no pause between turns."""
 
-    def __init__(self, *args, keep: int | None = None, **kwargs):
+    def __init__(self, *args, keep: int | None = None, zygote: ZygoteClient | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.parked = ParkedWorkers(keep)
         self.started_workers = 0  # how many processes were started, for the log's last line
         self._stopping: list[threading.Thread] = []
+        self.zygote = zygote  # workers fork from it; None: they start as new processes, as FLARE's
 
     def run(self, gpu):
         try:
@@ -133,7 +136,8 @@ class WarmSiteRunner(SimulatorClientRunner):
                 self.stop_later(worker)
             for thread in self._stopping:
                 thread.join()
-            self.logger.info(f"warm sites: {self.started_workers} worker process(es) started in all")
+            how = "forked from one that imported torch once" if self.zygote else "started as new processes"
+            self.logger.info(f"warm sites: {self.started_workers} worker process(es) {how}")
 
     def stop_later(self, worker: Worker) -> None:
         """stop_worker off the turn's thread: the next site's turn does not wait for it."""
@@ -214,7 +218,7 @@ class WarmSiteRunner(SimulatorClientRunner):
         paths = env.get(SystemVarName.PYTHONPATH, "").split(os.pathsep)  # the server's code is not the site's
         env[SystemVarName.PYTHONPATH] = os.pathsep.join(p for p in paths if p != self.server_custom_folder)
         self.logger.debug(f"starting {shlex.join(argv)}")
-        process = subprocess.Popen(argv, env=env, start_new_session=True)
+        process = self.fork_worker(argv, env) or subprocess.Popen(argv, env=env, start_new_session=True)
         self.started_workers += 1
         conn = self.connect(port, process, timeout)
         self.build_ctx["client_name"] = client.client_name
@@ -223,6 +227,18 @@ class WarmSiteRunner(SimulatorClientRunner):
         conn.send({SimulatorConstants.CLIENT_CONFIG: self.client_config, SimulatorConstants.DEPLOY_ARGS: deploy_args,
                    SimulatorConstants.BUILD_CTX: self.build_ctx})  # fmt: skip
         return Worker(client.client_name, process, conn)
+
+    def fork_worker(self, argv: list, env: dict):
+        """The worker forked from the zygote; None without one, or when it failed to start (then
+        workers start as new processes, as FLARE starts them, and the log says why once)."""
+        if self.zygote is None:
+            return None
+        try:
+            return self.zygote.spawn(argv, env, os.getcwd())
+        except (RuntimeError, OSError, EOFError) as e:
+            self.logger.warning(f"{e}: site workers start as new processes")
+            self.zygote = None
+            return None
 
     @staticmethod
     def connect(port: int, process, timeout: float, poll: float = 0.05):
