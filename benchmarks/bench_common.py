@@ -108,6 +108,8 @@ def federated(
     extra=None,
     tracking_uri=None,
     experiment=None,
+    threads=None,
+    cold_turns=False,
 ) -> dict:
     """One simulator run of a job under jobs/; wall time split at the first `train` task and the
     last aggregation; test accuracy of the final global model on the test batch."""
@@ -124,12 +126,14 @@ def federated(
             epochs,
             tracking_uri=tracking_uri,
             experiment=experiment,
+            threads=threads,
             extra_settings=extra or {},
             prepare=False,
             check=False,
             evaluate=False,
             say=lambda msg: None,
             show=None,
+            cold_turns=cold_turns,
         )
     except CliError as e:
         raise RuntimeError(f"simulator failed ({name}): {e}") from None

@@ -5,6 +5,7 @@ from pathlib import Path
 import accuracy
 import flood
 import ingest
+import many_sites
 import overhead
 import write_path
 
@@ -19,6 +20,8 @@ def summary_markdown(results: dict) -> str:
         parts += ["## Accuracy", accuracy.table(results["accuracy"])]
     if results.get("scaling", {}).get("points"):
         parts += ["## Scaling", overhead.scaling_table(results["scaling"])]
+    if results.get("many_sites", {}).get("scaling"):
+        parts += ["## Many sites on few threads", many_sites.table(results["many_sites"])]
     if results.get("ingest", {}).get("backlog"):
         parts += ["## Ingest", ingest.table(results["ingest"])]
     if results.get("flood", {}).get("summary"):
@@ -29,5 +32,7 @@ def summary_markdown(results: dict) -> str:
 def all_plots(results: dict, out: Path) -> None:
     if results.get("overhead", {}).get("summary"):
         overhead.plot(results["overhead"], out)
+    if results.get("many_sites", {}).get("scaling"):
+        many_sites.plot(results["many_sites"], out)
     if results.get("accuracy", {}).get("summary"):
         accuracy.plot(results["accuracy"], out)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmarks: overhead against the physical floor, tracking cost, the MLflow write path, accuracy.
 
-    python benchmarks/run_benchmarks.py [--quick] [--out DIR] [--sections overhead,write_path,accuracy]
+    python benchmarks/run_benchmarks.py [--quick] [--out DIR] [--sections overhead,write_path,accuracy,many_sites]
 
 Everything runs here, on generated data in CIFAR-10's layout and the jobs' own model, so every
 ratio is measured within one run on one machine. Sections:
@@ -13,6 +13,8 @@ ratio is measured within one run on one machine. Sections:
               the same entry point (save) into SQLite, every point counted back, plus a profile
   accuracy    FedAvg, FedProx, SCAFFOLD and FedOpt x IID / Dirichlet 0.5 / 0.1 x 3 seeds on the
               hard offline set, one MLflow experiment; centralized training beside them
+  many_sites  sites 2, 4, 8, 16 all at once and on 2 simulator threads; at 16 sites, cross-site
+              evaluation of every model and of the global models only, and FLARE's own turns
   scaling     sites, rounds and data size (not in the default set: --sections scaling)
   ingest      what the FL server takes in, points/s, with an empty queue and under a backlog
               of a million (not in the default set: --sections ingest)
@@ -34,12 +36,13 @@ from pathlib import Path
 import accuracy
 import flood
 import ingest
+import many_sites
 import overhead
 import plots
 import write_path
 from bench_common import REPO, machine, say
 
-SECTIONS = ("overhead", "write_path", "accuracy")
+SECTIONS = ("overhead", "write_path", "accuracy", "many_sites")
 OPTIONAL = ("scaling", "ingest", "flood")
 
 
@@ -84,6 +87,8 @@ def main(argv=None) -> int:
             write_path.run(work, a.quick, section, save)
         elif name == "accuracy":
             accuracy.run(work, a.quick, section, save)
+        elif name == "many_sites":
+            many_sites.run(work, a.quick, section, save)
         elif name == "scaling":
             overhead.scaling(work, a.quick, section, save)
         elif name == "ingest":

@@ -12,6 +12,11 @@ everything a site builds happens again per turn. From each site's log.txt, per t
   setup     the site's own set-up (policy, data, engine, module: SiteExecutor's START_RUN)
   task      the set-up's end -> the task's end
 --imports N: also time, in N fresh processes, the imports a site's worker makes, one by one.
+
+With each site's worker kept between its turns (flctl.warm_sites, flctl simulate's default with
+fewer threads than sites) a worker starts once per site, so the phases above describe only a
+site's first turn; `kept` gives every turn's seconds from the simulator's log instead: from the
+runner picking the site (`Simulate Run client: <site>`) to the site's `Finished one task run`.
 """
 
 import argparse
@@ -74,6 +79,27 @@ def breakdown(run_dir: Path) -> dict:
     return {"turns": len(every), **{k: round(statistics.median(v), 2) for k, v in phases.items() if v}}
 
 
+PICKED = re.compile(r"Simulate Run client: (\S+) on")
+FINISHED = re.compile(r"Finished one task run for client: (\S+) ")
+
+
+def kept_turns(run_dir: Path) -> dict:
+    """Turns, worker starts and the median seconds of a turn, from the simulator's log."""
+    picked, seconds = {}, []
+    for line in (run_dir / "simulator.log").read_text(errors="replace").splitlines():
+        t = when(line)
+        if t is None:
+            continue
+        if m := PICKED.search(line):
+            picked[m.group(1)] = t
+        elif (m := FINISHED.search(line)) and m.group(1) in picked:
+            seconds.append(t - picked.pop(m.group(1)))
+    starts = sum(log.read_text(errors="replace").count(MARKS["begin"])
+                 for log in run_dir.glob("simulator/site-*/log.txt"))  # fmt: skip
+    return {"turns": len(seconds), "worker_starts": starts,
+            "turn_median_s": round(statistics.median(seconds), 2) if seconds else None}  # fmt: skip
+
+
 def import_times(n: int) -> dict:
     """Median seconds of each import, in that order, in n fresh processes."""
     code = ("import importlib, json, sys, time\nout = {}\nfor m in sys.argv[1:]:\n    t = time.perf_counter()\n"
@@ -88,7 +114,7 @@ def main(argv=None) -> int:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--imports", type=int, default=0)
     args = parser.parse_args(argv)
-    result = {"phases_seconds_median": breakdown(args.run_dir)}
+    result = {"phases_seconds_median": breakdown(args.run_dir), "kept": kept_turns(args.run_dir)}
     if args.imports:
         result["imports_seconds_median"] = import_times(args.imports)
     print(json.dumps(result, indent=2))

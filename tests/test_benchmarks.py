@@ -77,3 +77,30 @@ def test_the_stream_interleaves_sites_in_flare_analytics_events():
     assert [site for site, _ in events] == ["site-1", "site-2", "site-1", "site-2"]
     data = AnalyticsData.from_dxo(from_shareable(events[2][1]), receiver=LogWriterName.MLFLOW)
     assert data.step == 1 and set(data.value) == set(write_path.KEYS)
+
+
+def test_many_sites_summary_gives_the_issues_ratios_and_the_table_every_run(tmp_path):
+    import many_sites
+    import site_turn
+
+    run = {"wall_s": 100.0, "site_fit_s": 32.0, "added_per_site_s": 5.0, "test_acc": 0.9, "log": "x"}
+    rep = {
+        name: {**run, "wall_s": wall}
+        for (name, *_), wall in zip(many_sites.CASES, (100, 180, 90, 99, 400), strict=True)
+    }
+    s = many_sites.summary([rep])
+    assert s["ratio_2_threads_all"] == pytest.approx(1.8) and s["ratio_2_threads_global"] == pytest.approx(1.1)
+    assert s["ratio_2_threads_global_to_all_at_once_all"] == pytest.approx(0.99)
+    assert s["ratio_cold_to_warm_global"] == pytest.approx(400 / 99)
+    rep.pop("2-threads-cold/global")  # "cold": False skips FLARE's own turns
+    assert "ratio_cold_to_warm_global" not in many_sites.summary([rep])
+    table = many_sites.table({"scaling": {"16/all": run, "16/2": {**run, "wall_s": 180.0}}, "summary": s})
+    assert "| 16 | 2 | 180.0 | 32.0 | 5.00 |" in table and "2 threads / all at once: 1.80" in table
+    log = tmp_path / "simulator.log"
+    log.write_text(
+        "2026-12-06 08:00:00,000 - INFO - Simulate Run client: site-1 on GPU group: None\n"
+        "2026-12-06 08:00:00,500 - INFO - Finished one task run for client: site-1 interval: 0.25\n"
+        "2026-12-06 08:00:01,000 - INFO - Simulate Run client: site-2 on GPU group: None\n"
+        "2026-12-06 08:00:02,000 - INFO - Finished one task run for client: site-2 interval: 0.25\n"
+    )
+    assert site_turn.kept_turns(tmp_path) == {"turns": 2, "worker_starts": 0, "turn_median_s": 0.75}
