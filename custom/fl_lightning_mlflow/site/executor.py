@@ -42,7 +42,13 @@ from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
-from fl_lightning_mlflow.common.protocol import GLOBAL_PREFIX, HELD_COUNTS_META, SENT_COUNTS_META, VAL_SAMPLES_META
+from fl_lightning_mlflow.common.protocol import (
+    GLOBAL_PREFIX,
+    HELD_COUNTS_META,
+    SCAFFOLD_LINEAGE_HEADER,
+    SENT_COUNTS_META,
+    VAL_SAMPLES_META,
+)
 from fl_lightning_mlflow.site.engine import SiteContext, SiteEngine, TaskAborted, is_int
 from fl_lightning_mlflow.site.system_sampler import check_interval
 from fl_lightning_mlflow.site.task_forms import TrainTask, weights_of
@@ -195,7 +201,12 @@ class SiteExecutor(Executor):
         if writer is not None:
             writer = self.telemetry.writer(writer)
         context = SiteContext(
-            site=self.site, workdir=self.app_dir, threads=threads, send=self.telemetry.sender(), writer=writer
+            self.site,
+            self.app_dir,
+            threads,
+            self.telemetry.sender(),
+            writer,
+            Path(engine.get_workspace().get_root_dir()),
         )
         training.setup(context)
         self.engine = training
@@ -248,7 +259,8 @@ class SiteExecutor(Executor):
         fl_round = shareable.get_header(AppConstants.CURRENT_ROUND)
         task_started = time.monotonic()
         self.log_info(fl_ctx, f"round {fl_round}: training starts")
-        task = TrainTask.of(from_shareable(shareable))
+        # SCAFFOLD: the run's lineage and the round say where this site's own controls belong.
+        task = TrainTask.of(from_shareable(shareable), shareable.get_header(SCAFFOLD_LINEAGE_HEADER), fl_round)
         global_weights = task.weights
         self.telemetry.announce_policy(self.engine)
         self.telemetry.send_datasets(self.engine)
