@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from fl_lightning_mlflow.common.protocol import BEST_MODEL_STATS_KEY
+from fl_lightning_mlflow.common.protocol import BEST_MODEL_STATS_KEY, SITE_STATE_ENV
 from flctl import data_prep
 from flctl.check_job import check_or_fail
 from flctl.configure import JobConfigError, configure_job
@@ -59,6 +59,7 @@ class Simulation:
     n_test: int | None = None
 
 
+SITE_STATE_DIR = "site_state"  # in flctl's WORKSPACE, beside runs/: what the sites keep across runs
 LINGER = 5.0  # seconds to read what is left once the command itself has exited
 
 
@@ -95,12 +96,17 @@ class SimulatorTimeout(RuntimeError):
 
 
 def nvflare_simulator(
-    job, workspace, sites: int, threads=None, gpu=None, log_path=None, show=None, env=None, timeout=None
-) -> subprocess.CompletedProcess:
-    """`nvflare simulator JOB -n SITES -t THREADS -w WORKSPACE`, through run_logged."""
+    job, workspace, sites: int, threads=None, gpu=None, log_path=None, show=None, env=None, timeout=None,
+    site_state=None,
+) -> subprocess.CompletedProcess:  # fmt: skip
+    """`nvflare simulator JOB -n SITES -t THREADS -w WORKSPACE`, through run_logged. site_state: a
+    folder that outlives the run, where sites keep their own state (SCAFFOLD's controls): the
+    simulator wipes WORKSPACE, and a resumed run needs what the killed one's sites kept."""
     cmd = [str(Path(sys.executable).parent / "nvflare"), "simulator", str(job), "-n", str(sites)]
     cmd += ["-t", str(threads or sites), "-w", str(workspace)] + (["-gpu", str(gpu)] if gpu is not None else [])
     env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}  # lines as they come, not at exit
+    if site_state is not None:
+        env[SITE_STATE_ENV] = str(site_state)
     return run_logged(cmd, env, log_path, show, timeout)
 
 
@@ -255,7 +261,8 @@ def simulate(
     say(f"(log: {log_path})")
     if show is PROGRESS:
         show = RoundProgress(rounds)
-    result = nvflare_simulator(job_copy, sim_ws, sites, threads, gpu, log_path, show, env, timeout)
+    site_state = workspace / SITE_STATE_DIR  # shared by every run of the workspace (and its resumes)
+    result = nvflare_simulator(job_copy, sim_ws, sites, threads, gpu, log_path, show, env, timeout, site_state)
     run = Simulation(run_dir, job_copy, sim_ws / "server" / "simulate_job", result.returncode, result.stdout)
     if result.returncode != 0:
         raise CliError(f"the simulator failed (exit {result.returncode}); see {log_path}")

@@ -29,6 +29,7 @@ also the metrics a task result carries for the server's model selection and cros
 the site decides what of its measurements leaves, whichever way.
 """
 
+import os
 import time
 from pathlib import Path
 
@@ -47,6 +48,7 @@ from fl_lightning_mlflow.common.protocol import (
     HELD_COUNTS_META,
     SCAFFOLD_LINEAGE_HEADER,
     SENT_COUNTS_META,
+    SITE_STATE_ENV,
     VAL_SAMPLES_META,
 )
 from fl_lightning_mlflow.site.engine import SiteContext, SiteEngine, TaskAborted, is_int
@@ -116,6 +118,12 @@ def check_args(engine_id, threads_per_site, tasks: dict, key_metric, key_metric_
         raise ValueError(f'SiteExecutor: key_metric must be a metric name or "", got {key_metric!r}')
     if key_metric_mode not in ("max", "min"):
         raise ValueError(f'SiteExecutor: key_metric_mode must be "max" or "min", got {key_metric_mode!r}')
+
+
+def site_state_root(site: str, engine) -> Path:
+    """Where this site keeps what outlives a job: its workspace, or its folder under SITE_STATE_ENV."""
+    shared = os.environ.get(SITE_STATE_ENV)
+    return Path(shared) / site if shared else Path(engine.get_workspace().get_root_dir())
 
 
 class SiteExecutor(Executor):
@@ -200,14 +208,8 @@ class SiteExecutor(Executor):
         self.telemetry.resume(saved)  # a restarted process carries on counting where the last one saved
         if writer is not None:
             writer = self.telemetry.writer(writer)
-        context = SiteContext(
-            self.site,
-            self.app_dir,
-            threads,
-            self.telemetry.sender(),
-            writer,
-            Path(engine.get_workspace().get_root_dir()),
-        )
+        root = site_state_root(self.site, engine)
+        context = SiteContext(self.site, self.app_dir, threads, self.telemetry.sender(), writer, root)
         training.setup(context)
         self.engine = training
         self.telemetry.val_samples(training.val_samples)  # the policy's min_validation_samples needs it
