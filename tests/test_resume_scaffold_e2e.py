@@ -32,7 +32,11 @@ def test_a_killed_scaffold_run_resumes_from_the_controls_of_its_last_round(offli
     assert plan["start_round"] == KILL_AFTER + 1
     log = run.log
     assert f"SCAFFOLD global controls of round {KILL_AFTER} restored from" in log
-    assert "SCAFFOLD round" not in log  # no site went on without its controls (the store's warning)
+    # Each site, a new process, took its own controls of round 2 from where the killed run's left them.
+    for site in ("site-1", "site-2"):
+        store = (workspace / SITE_STATE_DIR / site / STORE_DIR).resolve()
+        assert f"SCAFFOLD round {KILL_AFTER + 1}: this site's controls of round {KILL_AFTER} from {store}/" in log
+    assert "this site goes on from the controls it holds" not in log  # the store's warning: none went on without
     # Each site's controls: one table under the lineage the killed run began, now at the last rounds.
     for site in ("site-1", "site-2"):
         (table,) = (workspace / SITE_STATE_DIR / site / STORE_DIR).glob("*.pt")

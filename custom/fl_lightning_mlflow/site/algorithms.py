@@ -128,6 +128,7 @@ class ScaffoldSite:
             said = " ".join(str(e).split())[:200]  # torch's text spans lines
             raise ValueError(f"SCAFFOLD: {self.store.path} does not fit the model: {said}") from None
         self._local_of = (lineage, fl_round - 1)
+        log.info(f"SCAFFOLD round {fl_round}: this site's controls of round {fl_round - 1} from {self.store.path}")
 
     @property
     def steps(self) -> int:
