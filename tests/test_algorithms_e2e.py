@@ -66,5 +66,9 @@ def test_scaffold_job_exchanges_control_variates_and_records_the_algorithm(offli
     # Every round, both sites' weight and control differences were aggregated, key by key.
     assert log.count("Aggregated contributions matching key 'scaffold_c_diff'.") == ROUNDS
     assert log.count("Contribution from site-1 ACCEPTED by the aggregator") == ROUNDS
-    for site in ("site-1", "site-2"):  # each site keeps its own control variates between rounds
-        assert (run.run_dir / f"simulator/{site}/simulate_job/app_{site}/scaffold_local_controls.pt").is_file()
+    # Each site keeps its own control variates between rounds, under the run's lineage where a
+    # continuation finds them (the simulator's sites: flctl's WORKSPACE/site_state/<site>), and the
+    # server its global ones beside the model.
+    for site in ("site-1", "site-2"):
+        assert len(list((tmp_path / f"site_state/{site}/scaffold_controls").glob("*.pt"))) == 1
+    assert (run.server_dir / "app_server" / "scaffold_server_state.pt").is_file()

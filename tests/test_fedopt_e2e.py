@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import REPO, tracked_runs
+from fl_lightning_mlflow.server.server_state import load_state
 from flctl.simulate import simulate
 
 pytestmark = pytest.mark.slow
@@ -33,3 +34,6 @@ def test_fedopt_runs_and_the_parent_run_records_the_algorithm(offline_data, tmp_
     assert set(children) == {"site-1", "site-2"} and parent.info.status == "FINISHED"
     model = torch.load(run.outcome.model, weights_only=False)
     assert model  # the global model the server's optimizer produced was persisted
+    # ...and beside it the server optimizer's state of the last round (a resume starts from it).
+    state = load_state(run.server_dir / "app_server" / "fedopt_server_state.pt", "fedopt", 1)
+    assert state["optimizer"]["state"] and state["model"].keys() == model["model"].keys()

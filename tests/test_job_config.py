@@ -108,8 +108,8 @@ def test_the_algorithm_jobs_differ_from_fedavg_only_where_the_algorithm_does():
 
     server, client = configs("hello-lightning-scaffold")
     assert client == fedavg_client  # SCAFFOLD is the server's choice: the task brings the controls
-    (workflow,) = [w for w in server["workflows"] if "ScatterAndGather" in w["path"]]
-    assert workflow["path"].endswith(".ScatterAndGatherScaffold")
+    (workflow,) = [w for w in server["workflows"] if w["id"] == "scatter_and_gather_scaffold"]
+    assert workflow["path"].endswith(".ResumableScaffold")  # FLARE's ScatterAndGatherScaffold, its state persisted
     aggregator = next(c for c in server["components"] if c["id"] == "aggregator")["args"]
     assert aggregator["expected_data_kind"] == {"_model_weights_": "WEIGHT_DIFF", "scaffold_c_diff": "WEIGHT_DIFF"}
     tracker = next(c for c in server["components"] if c["id"] == "mlflow_tracker")["args"]

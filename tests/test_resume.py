@@ -143,21 +143,6 @@ def test_prepare_recovers_first_and_builds_the_continuation_job(tmp_path, empty_
     assert "rounds 3..4 follow" in prepared.summary()
 
 
-@pytest.mark.parametrize(
-    "name, expected",
-    [
-        ("hello-lightning-scaffold", "SCAFFOLD's server control variates .* not persisted per round"),
-        ("hello-lightning-fedopt", "FedOpt's server optimizer state .* not persisted per round"),
-    ],
-)
-def test_a_server_state_that_cannot_be_carried_is_named_and_nothing_starts(tmp_path, empty_store, name, expected):
-    run_dir, uri = dead(tmp_path, empty_store)
-    with pytest.raises(CliError, match=expected):
-        prepare(run_dir, job_of(tmp_path, name), tmp_path / "cont", say=print)
-    assert not (tmp_path / "cont").exists()
-    assert MlflowClient(uri).get_run(dead_job(run_dir).state["run_ids"][PARENT]).info.status == "RUNNING"
-
-
 def test_a_changed_model_class_is_refused(tmp_path, empty_store):
     run_dir, _ = dead(tmp_path, empty_store, spec={"path": "cifar10_example.lit_module.LitCifarNet", "args": {}})
     with pytest.raises(CliError, match="the model class changed .*LitCifarNet then, .*CifarNet now"):

@@ -21,19 +21,21 @@ pytestmark = pytest.mark.slow
 
 ROUNDS, KILL_AFTER = 5, 2
 RUN = """
-import sys
+import json, sys
 from flctl.simulate import simulate
 simulate(sys.argv[1], sys.argv[2], sys.argv[3], sites=int(sys.argv[4]), rounds=int(sys.argv[5]), epochs=1,
-         extra_settings={"client.batch_size": int(sys.argv[6]), "client.log_every_n_steps": int(sys.argv[7]),
-                         "client.system_metrics_seconds": 2},
-         prepare=False, check=False, evaluate=False, show=None, timeout=600)
+         extra_settings=json.loads(sys.argv[6]), prepare=False, check=False, evaluate=False, show=None, timeout=600)
 """
+SETTINGS = {"client.batch_size": BATCH, "client.log_every_n_steps": LOG_EVERY, "client.system_metrics_seconds": 2}
 
 
-def run_and_kill_after_round(workspace, data_root, kill_after: int, timeout: float = 400):
+def run_and_kill_after_round(workspace, data_root, kill_after: int, timeout: float = 400, job=JOB, sites=SITES,
+                             rounds=ROUNDS, settings=None):  # fmt: skip
     """flctl simulate's own path in a process of its own; once the server's journal says round
-    kill_after completed, SIGKILL it and everything it started (found by the workspace they name)."""
-    args = [str(JOB), str(workspace), str(data_root), str(SITES), str(ROUNDS), str(BATCH), str(LOG_EVERY)]
+    kill_after completed, SIGKILL it and everything it started (found by the workspace they name).
+    settings: job settings beside SETTINGS (benchmarks/resume_accuracy.py gives the seed)."""
+    settings = json.dumps({**SETTINGS, **(settings or {})})
+    args = [str(job), str(workspace), str(data_root), str(sites), str(rounds), settings]
     proc = subprocess.Popen([sys.executable, "-c", RUN, *args], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.monotonic() + timeout

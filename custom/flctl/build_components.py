@@ -15,6 +15,7 @@ VAR_REF = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 RANGES = {
     "ScatterAndGather": {"num_rounds": 1, "min_clients": 1, "train_timeout": 0, "start_round": 0},
     "ScatterAndGatherScaffold": {"num_rounds": 1, "min_clients": 1, "train_timeout": 0, "start_round": 0},
+    "ResumableScaffold": {"num_rounds": 1, "min_clients": 1, "train_timeout": 0, "start_round": 0},
     "MinClientsGuard": {"min_clients": 1, "train_timeout": 0},
     "CrossSiteModelEval": {"submit_model_timeout": 0, "validation_timeout": 0},
     "CrossSiteEval": {"submit_model_timeout": 0, "validation_timeout": 0},

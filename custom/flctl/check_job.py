@@ -283,7 +283,7 @@ def check_key_metrics(built: dict, reported: set, client_path: Path, server_path
             )
 
 
-SCAFFOLD_WORKFLOWS = ("ScatterAndGatherScaffold",)
+SCAFFOLD_WORKFLOWS = ("ScatterAndGatherScaffold",)  # or a subclass (server.scaffold_workflow)
 # What ScatterAndGatherScaffold's aggregator must return: FLARE's AppConstants.MODEL_WEIGHTS and
 # AlgorithmConstants.SCAFFOLD_CTRL_DIFF (spelled out: the checker does not import FLARE).
 SCAFFOLD_COLLECTION = {"_model_weights_": "WEIGHT_DIFF", "scaffold_c_diff": "WEIGHT_DIFF"}
@@ -296,7 +296,9 @@ def check_algorithm(built: dict, server_path: Path, client_path: Path) -> list:
     engines = [
         obj for (side, _), (obj, _, _) in built.items() if side == "client" and hasattr(obj, "supports_scaffold")
     ]
-    scaffold = [cid for cid, (obj, _) in server.items() if type(obj).__name__ in SCAFFOLD_WORKFLOWS]
+    scaffold = [
+        cid for cid, (obj, _) in server.items() if any(c.__name__ in SCAFFOLD_WORKFLOWS for c in type(obj).__mro__)
+    ]
     for cid in scaffold:
         aggregator_id = server[cid][1].get("aggregator_id", "aggregator")
         if aggregator_id not in server:

@@ -10,8 +10,12 @@ except in the FL server's config:
     best_value; FLARE's own IntimeModelSelector is swapped for it, same settings);
   - the tracker gets the plan (resume_from) and the dead job's tracking URI, so it writes into
     the same runs.
-A job whose server keeps state besides the global model that is not persisted is refused, in
-one line naming that state: SCAFFOLD's server control variates, FedOpt's server optimizer.
+  - server state besides the global model starts where the dead job left it: our SCAFFOLD
+    workflow's global controls and our FedOpt generator's server model and optimizer, which they
+    persist after every round (server.server_state), carried in app/custom as resume_<file> and
+    named by their resume_state argument.
+FLARE's own ScatterAndGatherScaffold and PTFedOptModelShareableGenerator persist none of it: a job
+using them is refused, in one line naming that state and the class that keeps it.
 """
 
 import json
@@ -22,14 +26,18 @@ from pathlib import Path
 from flctl.configure import FILES, read_config
 
 SAG = "nvflare.app_common.workflows.scatter_and_gather.ScatterAndGather"
+SCAFFOLD_SAG = "fl_lightning_mlflow.server.scaffold_workflow.ResumableScaffold"
+FEDOPT = "fl_lightning_mlflow.server.fedopt_generator.ResumableFedOpt"
+# Our components that persist server state per round: class path -> server_state's kind.
+STATEFUL = {SCAFFOLD_SAG: "scaffold", FEDOPT: "fedopt"}
 PERSISTOR = "nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistor"
 KEY_SELECTOR = "fl_lightning_mlflow.server.model_selector.KeyMetricSelector"
 FLARE_SELECTOR = "nvflare.app_common.widgets.intime_model_selector.IntimeModelSelector"
 TRACKER = "fl_lightning_mlflow.server.tracker.FederatedMLflowTracker"
-# Server state a resume cannot carry (not persisted by FLARE per round): class path end -> what.
+# Server state a resume cannot carry (FLARE persists none of it): class path end -> (what, ours).
 UNCARRIED = {
-    "ScatterAndGatherScaffold": "SCAFFOLD's server control variates (and the sites' own controls)",
-    "PTFedOptModelShareableGenerator": "FedOpt's server optimizer state (its momentum)",
+    "ScatterAndGatherScaffold": ("SCAFFOLD's server control variates", SCAFFOLD_SAG),
+    "PTFedOptModelShareableGenerator": ("FedOpt's server optimizer state (its momentum)", FEDOPT),
 }
 
 
@@ -46,6 +54,7 @@ class ServerConfig:
     persistor: dict
     selector: dict | None
     tracker: dict
+    stateful: dict  # server_state kind -> the component (or workflow) that persists it
 
     def value(self, value):
         """A "{name}" reference resolved against the config's own variables, as FLARE resolves it."""
@@ -89,10 +98,14 @@ def inspect_server(job: Path) -> ServerConfig:
     conf = read_config(Path(job) / FILES["server"])
     components, workflows = conf.get("components", []), conf.get("workflows", [])
     for item in components + workflows:
-        for end, what in UNCARRIED.items():
+        for end, (what, ours) in UNCARRIED.items():
             if str(item.get("path", "")).endswith(end):
-                raise ContinuationRefused(f"{what} is not persisted per round, so the job cannot resume exactly")
-    sag = [w for w in workflows if w.get("path") == SAG]
+                raise ContinuationRefused(
+                    f"FLARE's {end} (component {item.get('id')!r}) does not persist {what} per round, so the "
+                    f"job cannot resume exactly; {ours} does"
+                )
+    stateful = {STATEFUL[c["path"]]: c for c in components + workflows if c.get("path") in STATEFUL}
+    sag = [w for w in workflows if w.get("path") in (SAG, SCAFFOLD_SAG)]
     if len(sag) != 1:
         names = [w.get("path") for w in workflows]
         raise ContinuationRefused(f"only a ScatterAndGather job can resume; its workflows are {names}")
@@ -108,7 +121,7 @@ def inspect_server(job: Path) -> ServerConfig:
     selector = by_id.get(selector_id)
     if selector is not None and selector.get("path") not in (KEY_SELECTOR, FLARE_SELECTOR):
         selector = None  # another selector: no best value to carry into it
-    return ServerConfig(conf, workflow, persistor, selector, trackers[0])
+    return ServerConfig(conf, workflow, persistor, selector, trackers[0], stateful)
 
 
 def check_model_class(server: ServerConfig, dead_state: dict) -> None:
@@ -120,9 +133,11 @@ def check_model_class(server: ServerConfig, dead_state: dict) -> None:
 
 
 def write_continuation(src_job: Path, dest: Path, server: ServerConfig, plan: dict, model: Path, best: Path | None,
-                       tracking_uri: str) -> Path:  # fmt: skip
-    """Copy src_job to dest with the changes above; returns dest."""
+                       tracking_uri: str, states: dict | None = None) -> Path:  # fmt: skip
+    """Copy src_job to dest with the changes above; returns dest. states: server_state kind ->
+    the dead job's state file (checked by the caller), one for each of server.stateful."""
     from fl_lightning_mlflow.server.resume_plan import RESUME_BEST_MODEL, RESUME_MODEL
+    from fl_lightning_mlflow.server.server_state import RESUME_PREFIX, STATE_FILES
 
     if dest.exists():
         shutil.rmtree(dest)
@@ -136,6 +151,12 @@ def write_continuation(src_job: Path, dest: Path, server: ServerConfig, plan: di
     wf_args["start_round"] = plan["start_round"]
     wf_args["num_rounds"] = plan["num_rounds"] - plan["start_round"]
     server.persistor.setdefault("args", {})["source_ckpt_file_full_name"] = RESUME_MODEL
+    for kind, item in server.stateful.items():
+        carried = RESUME_PREFIX + STATE_FILES[kind]
+        shutil.copyfile(states[kind], custom / carried)
+        item.setdefault("args", {})["resume_state"] = carried
+        if kind == "fedopt":  # the generator does not know the workflow's start_round
+            item["args"]["resume_round"] = plan["last_round"]
     if server.selector is not None and plan.get("best"):
         _carry_best(server, plan["best"][1])
     tracker_args = server.tracker.setdefault("args", {})

@@ -13,7 +13,9 @@ runs; every other setting is the job's own. With --startup-kit the continuation 
 (`nvflare job submit`) and waited for as `flctl poc wait` does; without, the command to submit
 it is printed. It refuses in one line when there is nothing to resume (a finished job, no
 completed round, no persisted model, a changed model class) and for server state a resume
-cannot carry (SCAFFOLD's control variates, FedOpt's server optimizer). A continuation that dies
+cannot carry (FLARE's own SCAFFOLD workflow or FedOpt generator, which persist nothing; a missing
+or damaged state file of the last round). SCAFFOLD's global controls and FedOpt's server
+optimizer, as our ResumableScaffold and ResumableFedOpt persist them, go on. A continuation that dies
 too is resumed the same way, from its own folder. `flctl poc resume` does all this in POC;
 `flctl simulate --resume RUN_DIR` in the simulator.
 """

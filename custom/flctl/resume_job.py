@@ -83,6 +83,23 @@ def recover_first(server_job_dir: Path, tracking_uri, say) -> None:
         raise CliError("the dead job's tracking is not recovered in full; run it again once MLflow is reachable")
 
 
+def server_states(server, dead) -> dict:
+    """{kind: the dead job's state file} for each stateful component of the job, each checked to
+    end the round its global model ends (else CliError, one line: nothing starts)."""
+    from fl_lightning_mlflow.server.resume_plan import APP_SERVER
+    from fl_lightning_mlflow.server.server_state import ServerStateError, load_state, state_path
+
+    found = {}
+    for kind in server.stateful:
+        path = state_path(dead.run_dir / APP_SERVER, kind)
+        try:
+            load_state(path, kind, dead.last_round)
+        except ServerStateError as e:
+            raise CliError(f"cannot resume exactly: {e}") from None
+        found[kind] = path
+    return found
+
+
 def prepare(server_job_dir, job_folder, dest, tracking_uri=None, say=print) -> Prepared:
     from mlflow.tracking import MlflowClient
 
@@ -92,7 +109,8 @@ def prepare(server_job_dir, job_folder, dest, tracking_uri=None, say=print) -> P
     try:
         server = inspect_server(job_folder)
         total = server.num_rounds
-        dead_job(server_job_dir, total, need_runs=False)  # refuse before recovery touches anything
+        # Refuse before recovery touches anything: nothing to resume, or state that cannot be carried.
+        states = server_states(server, dead_job(server_job_dir, total, need_runs=False))
         recover_first(server_job_dir, tracking_uri, say)
         dead = dead_job(server_job_dir, total)  # again: recovery may have made the runs
         check_model_class(server, dead.state)
@@ -106,5 +124,5 @@ def prepare(server_job_dir, job_folder, dest, tracking_uri=None, say=print) -> P
         plan = make_plan(dead, MlflowClient(uri), key_metric, mode, total)
     except Exception as e:  # noqa: BLE001 - MLflow unreachable or the runs gone: one line, nothing started
         raise CliError(f"could not read the dead job's runs from MLflow ({type(e).__name__}: {str(e)[:200]})") from None
-    job = write_continuation(job_folder, Path(dest), server, plan, dead.model, dead.best_model, uri)
+    job = write_continuation(job_folder, Path(dest), server, plan, dead.model, dead.best_model, uri, states)
     return Prepared(job, plan, uri)

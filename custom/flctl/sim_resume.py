@@ -16,7 +16,7 @@ from pathlib import Path
 from flctl.errors import CliError
 from flctl.outcome import judge
 from flctl.resume_job import prepare
-from flctl.simulate import PROGRESS, RoundProgress, Simulation, nvflare_simulator, report, shown_command
+from flctl.simulate import PROGRESS, SITE_STATE_DIR, RoundProgress, Simulation, nvflare_simulator, report, shown_command
 
 SERVER_JOB = Path("simulator") / "server" / "simulate_job"
 
@@ -55,7 +55,9 @@ def resume_simulation(run_dir, tracking_uri=None, threads=None, gpu=None, evalua
     say(f"(log: {log_path})")
     if show is PROGRESS:
         show = RoundProgress(prepared.rounds_left)
-    result = nvflare_simulator(prepared.job, sim_ws, sites, threads, gpu, log_path, show, env, timeout)
+    # The sites' own state (SCAFFOLD's controls) where the killed run's sites kept it.
+    site_state = workspace / SITE_STATE_DIR
+    result = nvflare_simulator(prepared.job, sim_ws, sites, threads, gpu, log_path, show, env, timeout, site_state)
     run = Simulation(new_dir, prepared.job, sim_ws / "server" / "simulate_job", result.returncode, result.stdout)
     if result.returncode != 0:
         raise CliError(f"the simulator failed (exit {result.returncode}); see {log_path}")

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from fl_lightning_mlflow.common.protocol import BEST_MODEL_STATS_KEY
+from fl_lightning_mlflow.common.protocol import BEST_MODEL_STATS_KEY, SITE_STATE_ENV
 from flctl import data_prep
 from flctl.check_job import check_or_fail
 from flctl.configure import JobConfigError, configure_job
@@ -64,6 +64,7 @@ class Simulation:
     n_test: int | None = None
 
 
+SITE_STATE_DIR = "site_state"  # in flctl's WORKSPACE, beside runs/: what the sites keep across runs
 LINGER = 5.0  # seconds to read what is left once the command itself has exited
 
 
@@ -115,12 +116,16 @@ def shown_command(sites: int, threads=None, cold_turns=False) -> str:
 
 def nvflare_simulator(
     job, workspace, sites: int, threads=None, gpu=None, log_path=None, show=None, env=None, timeout=None,
-    cold_turns=False,
+    site_state=None, cold_turns=False,
 ) -> subprocess.CompletedProcess:  # fmt: skip
-    """`nvflare simulator JOB -n SITES -t THREADS -w WORKSPACE` (simulator_command), through run_logged."""
+    """`nvflare simulator JOB -n SITES -t THREADS -w WORKSPACE` (simulator_command), through run_logged.
+    site_state: a folder that outlives the run, where sites keep their own state (SCAFFOLD's
+    controls): the simulator wipes WORKSPACE, and a resumed run needs what the killed one's sites kept."""
     cmd = simulator_command(sites, threads, cold_turns) + [str(job), "-n", str(sites)]
     cmd += ["-t", str(threads or sites), "-w", str(workspace)] + (["-gpu", str(gpu)] if gpu is not None else [])
     env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}  # lines as they come, not at exit
+    if site_state is not None:
+        env[SITE_STATE_ENV] = str(site_state)
     return run_logged(cmd, env, log_path, show, timeout)
 
 
@@ -276,7 +281,9 @@ def simulate(
     say(f"(log: {log_path})")
     if show is PROGRESS:
         show = RoundProgress(rounds)
-    result = nvflare_simulator(job_copy, sim_ws, sites, threads, gpu, log_path, show, env, timeout, cold_turns)
+    site_state = workspace / SITE_STATE_DIR  # shared by every run of the workspace (and its resumes)
+    result = nvflare_simulator(job_copy, sim_ws, sites, threads, gpu, log_path, show, env, timeout, site_state,
+                               cold_turns)  # fmt: skip
     run = Simulation(run_dir, job_copy, sim_ws / "server" / "simulate_job", result.returncode, result.stdout)
     if result.returncode != 0:
         raise CliError(f"the simulator failed (exit {result.returncode}); see {log_path}")

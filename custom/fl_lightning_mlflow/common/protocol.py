@@ -54,6 +54,12 @@ MAX_ITEMS_PER_EVENT = 20_000
 STATS_FILE = "mlflow_tracking_stats.json"  # status, received / written / lost / rejected counts, run ids
 REGISTERED_MODEL_STATS_KEY = "registered_model"  # the registry name, its aliases' versions and models:/ URIs
 BEST_MODEL_STATS_KEY = "best_model"  # {"round", "key_metric", "value", "mode"}: the selector's pick
+# A SCAFFOLD train task's header: the id of the run's lineage (a job and its continuations), under
+# which a site keeps its own control variates per round (server.scaffold_workflow, site.scaffold_store).
+SCAFFOLD_LINEAGE_HEADER = "fl_lightning_mlflow.scaffold_lineage"
+# Where a site keeps state that outlives a job (a folder per site under it), when not in its own
+# workspace: flctl's simulator runs set it, as nvflare simulator wipes its sites' folders each run.
+SITE_STATE_ENV = "FL_SITE_STATE_DIR"
 PARENT_RUN_KEY = "__parent__"  # the federation's run in the stats file's run_ids; sites are keyed by name
 # What cross-site evaluation covered (server.cross_site_eval: all, global or none): a workflow context
 # property for the tracker, a column of the parent run's cross-site table and a tag of the parent run.

@@ -15,9 +15,13 @@ the round it computes its new local control c_i+ = c_i - c + (w_global - w) / (s
 (PTScaffoldHelper.terms_update) and returns c_i+ - c_i beside the weight difference, in a
 collection {MODEL_WEIGHTS: WEIGHT_DIFF, SCAFFOLD_CTRL_DIFF: WEIGHT_DIFF}, which the aggregator
 averages key by key and the workflow adds to c. A site's c_i lives on between rounds, in memory
-and in a file in the site's work folder, so a restarted site process carries on from it.
+and in a file, so a restarted site process carries on from it: when the task names its lineage
+(server.scaffold_workflow does), in the site's workspace per lineage and round
+(site.scaffold_store), where a continuation of the job after a server crash finds the c_i of
+the round before its first; else (FLARE's own workflow) in the job's app folder on the site.
 """
 
+import logging
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -27,8 +31,10 @@ import torch
 from nvflare.app_opt.pt.scaffold import PTScaffoldHelper
 
 from fl_lightning_mlflow.site.engine import Weights
+from fl_lightning_mlflow.site.scaffold_store import ScaffoldStore
 
 SCAFFOLD_STATE_FILE = "scaffold_local_controls.pt"  # the site's c_i, beside the executor's state file
+log = logging.getLogger(__name__)
 
 
 # ----- FedProx ---------------------------------------------------------------------------------
@@ -71,9 +77,13 @@ class ScaffoldSite:
     training is done: the control difference c_i+ - c_i, {parameter name: numpy array}.
     """
 
-    def __init__(self, workdir: Path | None = None):
+    def __init__(self, workdir: Path | None = None, site_root: Path | None = None):
         self.helper = PTScaffoldHelper()
         self.state_file = Path(workdir) / SCAFFOLD_STATE_FILE if workdir else None
+        self.site_root = Path(site_root) if site_root else (Path(workdir) if workdir else None)
+        self.store: ScaffoldStore | None = None  # set by a task that names its lineage
+        self._fl_round = None
+        self._local_of = None  # (lineage, round) whose c_i the helper holds, once known
         self._net_id = None
         self._c_global = self._c_local = self._start = None
         self._pending_lr = None
@@ -84,9 +94,12 @@ class ScaffoldSite:
         if self._net_id != id(net):  # once per model (the engines keep theirs for the whole run)
             self.helper.init(net)
             self._net_id = id(net)
-            if self.state_file is not None and self.state_file.is_file():
+            self._local_of = None
+            lineage = getattr(global_controls, "lineage", None)
+            if lineage is None and self.state_file is not None and self.state_file.is_file():
                 # A restarted site process: its local controls as the last round left them.
                 self.helper.c_local.load_state_dict(torch.load(self.state_file, map_location="cpu", weights_only=True))
+        self._restore_local(global_controls)
         try:
             self.helper.load_global_controls(global_controls)
         except RuntimeError as e:  # FLARE's own words on what does not match
@@ -95,6 +108,27 @@ class ScaffoldSite:
         self._start = _Snapshot(net)
         self._pending_lr, self._lr_sum = None, 0.0
         self.active = True
+
+    def _restore_local(self, global_controls) -> None:
+        """With a lineage: c_i as the round before this one left them, from memory or the store."""
+        lineage, fl_round = getattr(global_controls, "lineage", None), getattr(global_controls, "fl_round", None)
+        self.store, self._fl_round = None, fl_round
+        if lineage is None or self.site_root is None or not isinstance(fl_round, int):
+            return
+        self.store = ScaffoldStore(self.site_root, lineage)
+        if fl_round == 0 or self._local_of == (lineage, fl_round - 1):
+            return  # nothing before round 0; or this process holds them already
+        controls, why = self.store.load(fl_round - 1)
+        if controls is None:
+            log.warning(f"SCAFFOLD round {fl_round}: {why}; this site goes on from the controls it holds (zero if new)")
+            return
+        try:
+            self.helper.c_local.load_state_dict(controls)
+        except RuntimeError as e:
+            said = " ".join(str(e).split())[:200]  # torch's text spans lines
+            raise ValueError(f"SCAFFOLD: {self.store.path} does not fit the model: {said}") from None
+        self._local_of = (lineage, fl_round - 1)
+        log.info(f"SCAFFOLD round {fl_round}: this site's controls of round {fl_round - 1} from {self.store.path}")
 
     @property
     def steps(self) -> int:
@@ -128,7 +162,10 @@ class ScaffoldSite:
             if not math.isfinite(lr) or lr <= 0:
                 raise ValueError(f"SCAFFOLD: the learning rate must be > 0, got {lr}")
             self.helper.terms_update(net, lr, self._c_global, self._c_local, self._start)
-            if self.state_file is not None:
+            if self.store is not None:
+                self.store.save(self._fl_round, self.helper.c_local.state_dict())
+                self._local_of = (self.store.path.stem, self._fl_round)
+            elif self.state_file is not None:
                 self.state_file.parent.mkdir(parents=True, exist_ok=True)
                 torch.save(self.helper.c_local.state_dict(), self.state_file)
             return {k: np.array(v, copy=True) for k, v in self.helper.get_delta_controls().items()}

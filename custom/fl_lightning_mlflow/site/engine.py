@@ -54,6 +54,8 @@ class SiteContext:
     threads: int = 1  # torch threads this site may use (site.threads.torch_threads)
     send: Sender | None = None  # fires one analytics record as a FLARE event; None: nowhere
     writer: object | None = None  # the log-writer component named by the engine's writer_id
+    # The site's workspace: what outlives the job's folder (SCAFFOLD keeps its controls there).
+    site_root: Path | None = None
 
 
 @dataclass

@@ -29,6 +29,7 @@ also the metrics a task result carries for the server's model selection and cros
 the site decides what of its measurements leaves, whichever way.
 """
 
+import os
 import time
 from pathlib import Path
 
@@ -42,7 +43,14 @@ from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
-from fl_lightning_mlflow.common.protocol import GLOBAL_PREFIX, HELD_COUNTS_META, SENT_COUNTS_META, VAL_SAMPLES_META
+from fl_lightning_mlflow.common.protocol import (
+    GLOBAL_PREFIX,
+    HELD_COUNTS_META,
+    SCAFFOLD_LINEAGE_HEADER,
+    SENT_COUNTS_META,
+    SITE_STATE_ENV,
+    VAL_SAMPLES_META,
+)
 from fl_lightning_mlflow.site.engine import SiteContext, SiteEngine, TaskAborted, is_int
 from fl_lightning_mlflow.site.system_sampler import check_interval
 from fl_lightning_mlflow.site.task_forms import TrainTask, weights_of
@@ -110,6 +118,12 @@ def check_args(engine_id, threads_per_site, tasks: dict, key_metric, key_metric_
         raise ValueError(f'SiteExecutor: key_metric must be a metric name or "", got {key_metric!r}')
     if key_metric_mode not in ("max", "min"):
         raise ValueError(f'SiteExecutor: key_metric_mode must be "max" or "min", got {key_metric_mode!r}')
+
+
+def site_state_root(site: str, engine) -> Path:
+    """Where this site keeps what outlives a job: its workspace, or its folder under SITE_STATE_ENV."""
+    shared = os.environ.get(SITE_STATE_ENV)
+    return Path(shared) / site if shared else Path(engine.get_workspace().get_root_dir())
 
 
 class SiteExecutor(Executor):
@@ -194,9 +208,8 @@ class SiteExecutor(Executor):
         self.telemetry.resume(saved)  # a restarted process carries on counting where the last one saved
         if writer is not None:
             writer = self.telemetry.writer(writer)
-        context = SiteContext(
-            site=self.site, workdir=self.app_dir, threads=threads, send=self.telemetry.sender(), writer=writer
-        )
+        root = site_state_root(self.site, engine)
+        context = SiteContext(self.site, self.app_dir, threads, self.telemetry.sender(), writer, root)
         training.setup(context)
         self.engine = training
         self.telemetry.val_samples(training.val_samples)  # the policy's min_validation_samples needs it
@@ -248,7 +261,8 @@ class SiteExecutor(Executor):
         fl_round = shareable.get_header(AppConstants.CURRENT_ROUND)
         task_started = time.monotonic()
         self.log_info(fl_ctx, f"round {fl_round}: training starts")
-        task = TrainTask.of(from_shareable(shareable))
+        # SCAFFOLD: the run's lineage and the round say where this site's own controls belong.
+        task = TrainTask.of(from_shareable(shareable), shareable.get_header(SCAFFOLD_LINEAGE_HEADER), fl_round)
         global_weights = task.weights
         self.telemetry.announce_policy(self.engine)
         self.telemetry.send_datasets(self.engine)

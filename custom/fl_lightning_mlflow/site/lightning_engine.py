@@ -151,7 +151,7 @@ class LightningEngine(SiteEngine):
         self.module_spec = module
         self.metrics_flush_seconds = metrics_flush_seconds
         self.module = self.logger = None
-        self.workdir = None
+        self.workdir = self.site_root = None
         self.site_params = {}
         self.scaffold: ScaffoldSite | None = None  # built at the first SCAFFOLD task
 
@@ -168,7 +168,7 @@ class LightningEngine(SiteEngine):
         self.module = module
         # Always built (it carries the step axis); attached to Trainers only when tracking.
         self.logger = FlareLogger(ctx.send or _no_send, site=ctx.site, flush_seconds=self.metrics_flush_seconds)
-        self.workdir = ctx.workdir
+        self.workdir, self.site_root = ctx.workdir, ctx.site_root
         # Sent with the first round, beside the LightningModule's and the DataModule's own
         # hyperparameters, which every Trainer logs.
         self.site_params = self._site_params(ctx.threads)
@@ -225,7 +225,7 @@ class LightningEngine(SiteEngine):
         callbacks = [validation]
         if global_controls is not None:
             if self.scaffold is None:
-                self.scaffold = ScaffoldSite(self.workdir)
+                self.scaffold = ScaffoldSite(self.workdir, self.site_root)
             self.scaffold.start(self.module, global_controls)
             callbacks.append(ScaffoldCorrection(self.scaffold))
         if a.fedprox_mu > 0:

@@ -76,7 +76,7 @@ class PTEngine(SiteEngine):
         self.points_sent = 0
         self.site_params = {}
         self._params_sent = False
-        self.workdir = None
+        self.workdir = self.site_root = None
         self.scaffold: ScaffoldSite | None = None  # built at the first SCAFFOLD task
 
     # ----- SiteEngine --------------------------------------------------------------------
@@ -85,7 +85,7 @@ class PTEngine(SiteEngine):
         if a.tracking and ctx.writer is None:
             raise ValueError(f"{type(self).__name__}: no log writer (component {self.writer_id!r}, an MLflowWriter)")
         self.writer = ctx.writer
-        self.workdir = ctx.workdir
+        self.workdir, self.site_root = ctx.workdir, ctx.site_root
         torch.set_num_threads(ctx.threads)
         seed_everything(a.seed)  # before anything is built: the same seed gives the same run
         self._setup_data(ctx.site)
@@ -139,7 +139,7 @@ class PTEngine(SiteEngine):
         scaffold = None
         if global_controls is not None:
             if self.scaffold is None:
-                self.scaffold = ScaffoldSite(self.workdir)
+                self.scaffold = ScaffoldSite(self.workdir, self.site_root)
             scaffold = self.scaffold
             scaffold.start(self.net, global_controls)
         prox_to = frozen_parameters(self.net, global_weights) if a.fedprox_mu > 0 else None

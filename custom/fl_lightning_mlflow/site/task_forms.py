@@ -19,6 +19,16 @@ def weights_of(dxo: DXO) -> dict:
     return {k: np.asarray(v) for k, v in dxo.data.items()}
 
 
+class GlobalControls(dict):
+    """The global controls c of a SCAFFOLD task, with where they belong: the lineage the server
+    names (server.scaffold_workflow; None from FLARE's own workflow) and the task's round. The
+    engines pass them on to site.algorithms.ScaffoldSite.start, which reads both."""
+
+    def __init__(self, controls: dict, lineage: str | None = None, fl_round: int | None = None):
+        super().__init__(controls)
+        self.lineage, self.fl_round = lineage, fl_round
+
+
 class TrainTask:
     """What a train task brings: the global weights and, for SCAFFOLD, the global controls,
     in one of FLARE's two forms ("collection" or "meta", see the module's docstring)."""
@@ -27,7 +37,14 @@ class TrainTask:
         self.weights, self.controls, self.form = weights, controls, form
 
     @classmethod
-    def of(cls, dxo: DXO) -> "TrainTask":
+    def of(cls, dxo: DXO, lineage: str | None = None, fl_round: int | None = None) -> "TrainTask":
+        task = cls._of(dxo)
+        if task.controls is not None:
+            task.controls = GlobalControls(task.controls, lineage, fl_round)
+        return task
+
+    @classmethod
+    def _of(cls, dxo: DXO) -> "TrainTask":
         if dxo.data_kind == DataKind.COLLECTION:  # ScatterAndGatherScaffold
             parts = dxo.data if isinstance(dxo.data, dict) else {}
             weights, controls = (
