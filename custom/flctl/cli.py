@@ -9,6 +9,7 @@ stderr and exits non-zero (2 for a wrong argument).
 
 import argparse
 import importlib
+import os
 import signal
 import sys
 
@@ -59,6 +60,9 @@ def main(argv=None) -> int:
         parser._subparsers._group_actions[0].choices[args.subcommand].error(
             f"unrecognized arguments: {' '.join(extra)}"
         )
+    # flctl says what it did in its own lines: MLflow's "View run ... at: URL" lines, printed when
+    # recovery or a resume ends or reopens runs on a tracking server, would bury them.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     # SIGTERM ends the command like Ctrl-C: its finally blocks stop what it started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
