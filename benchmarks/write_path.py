@@ -89,27 +89,29 @@ def stream(sites: int, points: int) -> list:
     return out
 
 
-def make_receiver(kind: str, uri: str):
+def make_receiver(kind: str, uri: str, experiment: str = "write-path", writers: int | None = None):
+    """kind "ours" (writers: requests in flight; None: the tracker's default for the URI) or "flare"."""
     if kind == "ours":
         from fl_lightning_mlflow.server.tracker import FederatedMLflowTracker
 
         return FederatedMLflowTracker(
-            tracking_uri=uri, kw_args={"experiment_name": "write-path"}, recover_orphans=False
+            tracking_uri=uri, kw_args={"experiment_name": experiment}, recover_orphans=False, writers=writers
         )
     from nvflare.app_opt.tracking.mlflow.mlflow_receiver import MLflowReceiver
 
-    return MLflowReceiver(tracking_uri=uri, kw_args={"experiment_name": "write-path"})
+    return MLflowReceiver(tracking_uri=uri, kw_args={"experiment_name": experiment})
 
 
-def feed(kind: str, folder: Path, events: list, sites: list) -> dict:
-    """One receiver, one fresh SQLite store, the whole stream; counted back from MLflow."""
+def feed(kind: str, folder: Path, events: list, sites: list, uri=None, experiment="write-path", writers=None) -> dict:
+    """One receiver, the whole stream, counted back from MLflow; into a fresh SQLite store in
+    folder, or (uri) a tracking server, each run its own experiment there."""
     from mlflow.tracking import MlflowClient
     from nvflare.apis.event_type import EventType
 
     folder.mkdir(parents=True, exist_ok=True)
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    uri = uri or f"sqlite:///{folder / 'mlflow.db'}"
     MlflowClient(uri).search_experiments()  # the store's tables exist before timing, as in any deployment
-    receiver = make_receiver(kind, uri)
+    receiver = make_receiver(kind, uri, experiment, writers)
     fl_ctx = context(folder, sites)
     errors = 0
     full_gcs = FullCollections()
@@ -128,7 +130,7 @@ def feed(kind: str, folder: Path, events: list, sites: list) -> dict:
     elapsed = time.perf_counter() - started
     gc.callbacks.remove(full_gcs)
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("write-path")
+    exp = client.get_experiment_by_name(experiment)
     stored = 0
     for run in client.search_runs([exp.experiment_id], max_results=1000):
         for key in KEYS:
@@ -168,14 +170,15 @@ class FullCollections:
             self._started = None
 
 
-def store_ceiling(folder: Path, points: int, profile: bool = False) -> dict:
-    """MlflowClient.log_batch alone, 1,000 metrics a request, into SQLite: what the store takes."""
+def store_ceiling(folder: Path, points: int, profile: bool = False, uri=None, experiment="ceiling") -> dict:
+    """MlflowClient.log_batch alone, 1,000 metrics a request, one request at a time, into SQLite
+    (or the tracking server at uri): what the store takes."""
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
     folder.mkdir(parents=True, exist_ok=True)
-    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
-    run_id = client.create_run(client.create_experiment("ceiling")).info.run_id
+    client = MlflowClient(uri or f"sqlite:///{folder / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment(experiment)).info.run_id
     now = int(time.time() * 1000)
     batches = [
         [Metric(KEYS[i % len(KEYS)], 0.5, now, b * 1000 + i) for i in range(1000)] for b in range(points // 1000)
@@ -250,6 +253,9 @@ def run(work: Path, quick: bool, results: dict, save) -> dict:
     }
     results["summary"]["store_ceiling"] = {"points_per_s": spread([r["store_ceiling"]["points_per_s"] for r in reps])}
     save()
+    import write_path_server  # here: it builds on this module's parts
+
+    write_path_server.run(work, quick, results.setdefault("server", {}), save)  # the store users deploy
     return results
 
 

@@ -77,3 +77,24 @@ def test_the_stream_interleaves_sites_in_flare_analytics_events():
     assert [site for site, _ in events] == ["site-1", "site-2", "site-1", "site-2"]
     data = AnalyticsData.from_dxo(from_shareable(events[2][1]), receiver=LogWriterName.MLFLOW)
     assert data.step == 1 and set(data.value) == set(write_path.KEYS)
+
+
+def test_the_server_store_table_gives_each_row_and_the_ratio_to_flares_receiver():
+    import write_path_server
+
+    def rep(ours, ours_1, flare, c1, c4):
+        row = lambda rate: {"points_per_s": rate, "lost": 0, "save_us_per_event": 50.0}  # noqa: E731
+        return {"ours": row(ours), "ours_writers_1": row(ours_1), "flare": row(flare),
+                "store_ceiling": {"points_per_s": c1}, "store_ceiling_4": {"points_per_s": c4}}  # fmt: skip
+
+    results = {
+        "config": {"sites": 4, "points": 100_000, "repeats": 2, "server_workers": 4},
+        "repeats": [rep(4000, 2000, 2000, 2100, 4200), rep(6000, 2200, 2000, 2300, 4400)],
+    }
+    write_path_server.summarize(results, lambda: None)
+    assert results["summary"]["ours_over_flare"] == pytest.approx(2.5)
+    text = write_path_server.table(results)
+    assert "`mlflow server` (--workers 4) on PostgreSQL" in text
+    assert "| this project's tracker, default writers (4 to a server) | 5,000 (4,000-6,000) | [0, 0] | 50 µs |" in text
+    assert "| FLARE's MLflowReceiver | 2,000 (2,000-2,000) |" in text and "ours / FLARE's (medians): 2.50" in text
+    assert write_path_server.table({"skipped": "PostgreSQL is not installed"}).endswith("PostgreSQL is not installed")
