@@ -102,9 +102,11 @@ def make_receiver(kind: str, uri: str, experiment: str = "write-path", writers: 
     return MLflowReceiver(tracking_uri=uri, kw_args={"experiment_name": experiment})
 
 
-def feed(kind: str, folder: Path, events: list, sites: list, uri=None, experiment="write-path", writers=None) -> dict:
+def feed(kind: str, folder: Path, events: list, sites: list, uri=None, experiment="write-path", writers=None,
+         meter=None) -> dict:  # fmt: skip
     """One receiver, the whole stream, counted back from MLflow; into a fresh SQLite store in
-    folder, or (uri) a tracking server, each run its own experiment there."""
+    folder, or (uri) a tracking server, each run its own experiment there. meter: () -> {name:
+    CPU seconds} of the server's processes, read around the timed part."""
     from mlflow.tracking import MlflowClient
     from nvflare.apis.event_type import EventType
 
@@ -116,6 +118,7 @@ def feed(kind: str, folder: Path, events: list, sites: list, uri=None, experimen
     errors = 0
     full_gcs = FullCollections()
     gc.callbacks.append(full_gcs)
+    cpu_before = (meter() if meter else {}) | {"this process": time.process_time()}
     started = time.perf_counter()
     receiver.handle_event(EventType.START_RUN, fl_ctx)
     save_s = 0.0
@@ -128,6 +131,7 @@ def feed(kind: str, folder: Path, events: list, sites: list, uri=None, experimen
         save_s += time.perf_counter() - t
     receiver.handle_event(EventType.END_RUN, fl_ctx)
     elapsed = time.perf_counter() - started
+    cpu_after = (meter() if meter else {}) | {"this process": time.process_time()}
     gc.callbacks.remove(full_gcs)
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
@@ -147,6 +151,7 @@ def feed(kind: str, folder: Path, events: list, sites: list, uri=None, experimen
         "save_errors": errors,
         "full_gcs": full_gcs.count,
         "full_gc_seconds": full_gcs.seconds,
+        "cpu_seconds": {name: cpu_after[name] - cpu_before[name] for name in cpu_after},
     }
     return out
 

@@ -69,7 +69,8 @@ def run(work, quick: bool, results: dict, save) -> dict:
     if len(reps) >= cfg["repeats"]:
         return summarize(results, save)
     try:
-        with pg_mlflow_server(workers=cfg["server_workers"]) as uri:
+        with pg_mlflow_server(workers=cfg["server_workers"]) as stack:
+            uri = stack.uri
             say(f"    mlflow server on PostgreSQL at {uri}, {cfg['server_workers']} workers")
             while len(reps) < cfg["repeats"]:
                 i, rep = len(reps), {}
@@ -77,7 +78,9 @@ def run(work, quick: bool, results: dict, save) -> dict:
                 for kind in kinds[i % len(kinds) :] + kinds[: i % len(kinds)]:
                     name = f"write-path-{kind}-{i}-{time.time_ns()}"
                     base = "flare" if kind == "flare" else "ours"
-                    rep[kind] = feed(base, work / name, events, sites, uri=uri, experiment=name, writers=KINDS[kind])
+                    rep[kind] = feed(
+                        base, work / name, events, sites, uri, name, writers=KINDS[kind], meter=stack.cpu_seconds
+                    )
                     say(
                         f"    server, repeat {i + 1}: {kind}: {rep[kind]['points_per_s']:.0f} points/s, "
                         f"{rep[kind]['stored']} of {rep[kind]['points']} stored"
@@ -106,6 +109,12 @@ def summarize(results: dict, save) -> dict:
             "points_per_s": spread([r[kind]["points_per_s"] for r in reps]),
             "lost": [r[kind]["lost"] for r in reps],
             "save_us_per_event": spread([r[kind]["save_us_per_event"] for r in reps]),
+            # Who did the work: CPU ms per 1,000 points stored, by process (the same work for every
+            # receiver on the server's side: the rate is then what the machine's free cores allow).
+            "cpu_ms_per_1000": {
+                name: spread([r[kind]["cpu_seconds"][name] / r[kind]["stored"] * 1e6 for r in reps])["median"]
+                for name in reps[0][kind].get("cpu_seconds", {})
+            },
         }
         for kind in KINDS
     }
@@ -126,17 +135,23 @@ def table(results) -> str:
         f"(--workers {cfg['server_workers']}) on PostgreSQL, both on 127.0.0.1; medians of {cfg['repeats']}"
         f" repeat(s), rotating order\n\n"
     )
-    rows = ["| writer | points/s median (min-max) | lost per repeat | save() per event |", "| --- | --- | --- | --- |"]
+    rows = [
+        "| writer | points/s median (min-max) | lost per repeat | save() per event |"
+        " CPU ms per 1,000 points: server, PostgreSQL, this process |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for kind, label in LABELS.items():
         p, v = s[kind]["points_per_s"], s[kind]
+        cpu = v.get("cpu_ms_per_1000", {})
+        cells = ", ".join(f"{cpu[n]:.0f}" if n in cpu else "-" for n in ("mlflow", "postgres", "this process"))
         rows.append(
             f"| {label} | {p['median']:,.0f} ({p['min']:,.0f}-{p['max']:,.0f}) | {v['lost']} |"
-            f" {v['save_us_per_event']['median']:.0f} µs |"
+            f" {v['save_us_per_event']['median']:.0f} µs | {cells} |"
         )
     for ceiling, label in (("store_ceiling", "one at a time"), ("store_ceiling_4", "4 at once, each its own run")):
         p = s[ceiling]["points_per_s"]
         rows.append(
             f"| `log_batch` alone, 1,000 per request, {label} | {p['median']:,.0f} ({p['min']:,.0f}-{p['max']:,.0f})"
-            " | - | - |"
+            " | - | - | - |"
         )
     return head + "\n".join(rows) + f"\n\nours / FLARE's (medians): {s['ours_over_flare']:.2f}"

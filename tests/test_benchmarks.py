@@ -83,7 +83,9 @@ def test_the_server_store_table_gives_each_row_and_the_ratio_to_flares_receiver(
     import write_path_server
 
     def rep(ours, ours_1, flare, c1, c4):
-        row = lambda rate: {"points_per_s": rate, "lost": 0, "save_us_per_event": 50.0}  # noqa: E731
+        cpu = {"mlflow": 20.0, "postgres": 2.0, "this process": 4.0}  # seconds, for 100,000 points
+        row = lambda rate: {"points_per_s": rate, "lost": 0, "save_us_per_event": 50.0, "stored": 100_000,  # noqa: E731
+                            "cpu_seconds": cpu}  # fmt: skip
         return {"ours": row(ours), "ours_writers_1": row(ours_1), "flare": row(flare),
                 "store_ceiling": {"points_per_s": c1}, "store_ceiling_4": {"points_per_s": c4}}  # fmt: skip
 
@@ -95,6 +97,7 @@ def test_the_server_store_table_gives_each_row_and_the_ratio_to_flares_receiver(
     assert results["summary"]["ours_over_flare"] == pytest.approx(2.5)
     text = write_path_server.table(results)
     assert "`mlflow server` (--workers 4) on PostgreSQL" in text
-    assert "| this project's tracker, default writers (4 to a server) | 5,000 (4,000-6,000) | [0, 0] | 50 µs |" in text
+    ours = "| this project's tracker, default writers (4 to a server) | 5,000 (4,000-6,000) | [0, 0] | 50 µs |"
+    assert f"{ours} 200, 20, 40 |" in text
     assert "| FLARE's MLflowReceiver | 2,000 (2,000-2,000) |" in text and "ours / FLARE's (medians): 2.50" in text
     assert write_path_server.table({"skipped": "PostgreSQL is not installed"}).endswith("PostgreSQL is not installed")

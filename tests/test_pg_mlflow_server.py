@@ -48,7 +48,8 @@ def test_the_write_queue_keeps_each_runs_order_with_four_requests_out_at_once(tm
     steps, sent, lock = 2500, [], threading.Lock()  # 3 requests a run (1,000 metrics each)
     folder = Path(tempfile.mkdtemp(prefix="pg-mlflow-test-"))  # under /tmp: the postgres user may enter
     folder.chmod(0o755)
-    with pg_mlflow_server(folder, workers=4) as uri:
+    with pg_mlflow_server(folder, workers=4) as stack:
+        uri = stack.uri
         assert uri.startswith("http://127.0.0.1:")
         assert processes.naming(folder)  # PostgreSQL and the server run from it
         client = MlflowClient(uri)
@@ -75,4 +76,6 @@ def test_the_write_queue_keeps_each_runs_order_with_four_requests_out_at_once(tm
             assert all(a[3] <= b[2] for a, b in zip(requests, requests[1:], strict=False))  # one out at a time
         overlapping = any(a[0] != b[0] and a[2] < b[3] and b[2] < a[3] for a in sent for b in sent)
         assert overlapping, "the two runs' requests never were out at once"
+        cpu = stack.cpu_seconds()
+        assert cpu["mlflow"] > 0 and cpu["postgres"] > 0  # both did work, counted by process tree
     assert processes.naming(folder) == {} and not folder.exists()  # all ended, all removed

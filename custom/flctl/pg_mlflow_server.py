@@ -5,11 +5,13 @@ PostgreSQL from flctl.local_postgres, MLflow's server from flctl.mlflow_server w
 processes. Everything it starts is ended by PID on the way out, also after a failure, and its
 folder (data, logs, artifacts) is removed unless keep=True.
 
-    with pg_mlflow_server(tmp, workers=4) as uri:
-        MlflowClient(uri).log_batch(...)
+    with pg_mlflow_server(workers=4) as stack:
+        MlflowClient(stack.uri).log_batch(...)
+        stack.cpu_seconds()  # what the server and PostgreSQL used so far: who did the work
 """
 
 import contextlib
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,9 +20,40 @@ from flctl.local_postgres import LocalPostgres
 from flctl.mlflow_server import MlflowServer
 
 
+class Stack:
+    """The running pair: the server's URI, and the CPU its processes used."""
+
+    def __init__(self, server: MlflowServer, postgres: LocalPostgres):
+        self.server, self.postgres, self.uri = server, postgres, server.uri
+
+    def cpu_seconds(self) -> dict:
+        """{"mlflow": s, "postgres": s}: user + system CPU of each one's process tree (live
+        processes: a worker that ended takes its share along)."""
+        parents, cpu = {}, {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            pid = int(stat.parent.name)
+            parents[pid], cpu[pid] = int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        out = {}
+        for name, root in (("mlflow", self.server.proc), ("postgres", self.postgres.proc)):
+            out[name] = sum(c for pid, c in cpu.items() if root is not None and descends(pid, root.pid, parents))
+        return out
+
+
+def descends(pid: int, root: int, parents: dict) -> bool:
+    while pid > 1:
+        if pid == root:
+            return True
+        pid = parents.get(pid, 0)
+    return False
+
+
 @contextlib.contextmanager
 def pg_mlflow_server(folder=None, workers: int = 4, keep: bool = False, bin_dir=None, timeout: float = 180):
-    """Yields the server's URI (http://127.0.0.1:PORT). folder: where PostgreSQL's data and the
+    """Yields a Stack (its uri: http://127.0.0.1:PORT). folder: where PostgreSQL's data and the
     server's files go (default: a new folder under /tmp, which the postgres user can enter)."""
     if folder is None:
         folder = Path(tempfile.mkdtemp(prefix="pg-mlflow-"))
@@ -32,7 +65,7 @@ def pg_mlflow_server(folder=None, workers: int = 4, keep: bool = False, bin_dir=
         pg.start()
         server = MlflowServer(folder / "mlflow", store=pg.store_uri, env=pg.client_env, workers=workers)
         server.start(timeout=timeout)
-        yield server.uri
+        yield Stack(server, pg)
     finally:
         if server is not None:
             server.stop()  # before PostgreSQL: its pooled connections would hold a shutdown
