@@ -2,6 +2,9 @@
 its refusals in one line, and (slow) the write queue with several requests in flight into it,
 on 127.0.0.1 only, with nothing left running or on disk afterwards."""
 
+import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -79,3 +82,26 @@ def test_the_write_queue_keeps_each_runs_order_with_four_requests_out_at_once(tm
         cpu = stack.cpu_seconds()
         assert cpu["mlflow"] > 0 and cpu["postgres"] > 0  # both did work, counted by process tree
     assert processes.naming(folder) == {} and not folder.exists()  # all ended, all removed
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_run_still_ends_everything_and_removes_the_folder(tmp_path):
+    if why := cannot_run():
+        pytest.skip(why)
+    folder = Path(tempfile.mkdtemp(prefix="pg-mlflow-test-"))
+    folder.chmod(0o755)
+    code = (
+        "import sys, time\nfrom flctl.pg_mlflow_server import pg_mlflow_server\n"
+        f"with pg_mlflow_server({str(folder)!r}, workers=1) as stack:\n"
+        "    print(stack.uri, flush=True)\n    time.sleep(600)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().startswith("http://127.0.0.1:")  # up: the server answered
+        assert processes.naming(folder)
+        child.send_signal(signal.SIGTERM)  # as a CI timeout or kill would end a benchmark
+        assert child.wait(60) == 128 + signal.SIGTERM
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert processes.naming(folder) == {} and not folder.exists()

@@ -13,7 +13,9 @@ folder (data, logs, artifacts) is removed unless keep=True.
 import contextlib
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 
 from flctl.local_postgres import LocalPostgres
@@ -61,6 +63,9 @@ def pg_mlflow_server(folder=None, workers: int = 4, keep: bool = False, bin_dir=
     folder = Path(folder)
     pg = LocalPostgres(folder / "postgres", bin_dir=bin_dir)
     server = None
+    # A benchmark ended with SIGTERM (kill, a CI timeout) would skip the cleanup below and leave
+    # PostgreSQL running: while this runs, SIGTERM ends the process through SystemExit instead.
+    previous = signal.signal(signal.SIGTERM, exit_on_sigterm) if in_main_thread() else None
     try:
         pg.start()
         server = MlflowServer(folder / "mlflow", store=pg.store_uri, env=pg.client_env, workers=workers)
@@ -72,3 +77,13 @@ def pg_mlflow_server(folder=None, workers: int = 4, keep: bool = False, bin_dir=
         pg.stop()
         if not keep:
             shutil.rmtree(folder, ignore_errors=True)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
