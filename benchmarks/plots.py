@@ -8,6 +8,7 @@ import ingest
 import many_sites
 import overhead
 import write_path
+import write_path_server
 
 
 def summary_markdown(results: dict) -> str:
@@ -16,6 +17,9 @@ def summary_markdown(results: dict) -> str:
         parts += ["## Overhead and tracking cost", overhead.table(results["overhead"])]
     if results.get("write_path", {}).get("summary"):
         parts += ["## Write path", write_path.table(results["write_path"])]
+        if results["write_path"].get("server"):
+            server = write_path_server.table(results["write_path"]["server"])
+            parts += ["### Write path on an mlflow server with PostgreSQL", server]
     if results.get("accuracy", {}).get("summary"):
         parts += ["## Accuracy", accuracy.table(results["accuracy"])]
     if results.get("scaling", {}).get("points"):

@@ -35,7 +35,7 @@ def settings(quick: bool) -> dict:
 
 
 class BenchEngine:
-    """What a receiver asks of FLARE's server engine at START_RUN (nothing else is called)."""
+    """What a receiver asks of FLARE's server engine (at START_RUN, and fire_event at END_RUN)."""
 
     def __init__(self, workspace, sites):
         from nvflare.apis.client import Client
@@ -51,6 +51,9 @@ class BenchEngine:
 
     def get_component(self, component_id):
         return None
+
+    def fire_event(self, event_type, fl_ctx):
+        """Our tracker fires an event when writes are left for recovery at job end; nothing listens here."""
 
 
 def context(folder: Path, sites):
@@ -89,31 +92,39 @@ def stream(sites: int, points: int) -> list:
     return out
 
 
-def make_receiver(kind: str, uri: str):
+def make_receiver(kind: str, uri: str, experiment: str = "write-path", writers: int | None = None):
+    """kind "ours" (writers: requests in flight; None: the tracker's default for the URI) or "flare"."""
     if kind == "ours":
         from fl_lightning_mlflow.server.tracker import FederatedMLflowTracker
 
+        # final_flush_timeout: the time is measured until all is written, as FLARE's receiver (no
+        # cap) is; the default 120 s cap is reached on a 2-core machine others load to 10 and more.
         return FederatedMLflowTracker(
-            tracking_uri=uri, kw_args={"experiment_name": "write-path"}, recover_orphans=False
-        )
+            tracking_uri=uri, kw_args={"experiment_name": experiment}, recover_orphans=False, writers=writers,
+            final_flush_timeout=600,
+        )  # fmt: skip
     from nvflare.app_opt.tracking.mlflow.mlflow_receiver import MLflowReceiver
 
-    return MLflowReceiver(tracking_uri=uri, kw_args={"experiment_name": "write-path"})
+    return MLflowReceiver(tracking_uri=uri, kw_args={"experiment_name": experiment})
 
 
-def feed(kind: str, folder: Path, events: list, sites: list) -> dict:
-    """One receiver, one fresh SQLite store, the whole stream; counted back from MLflow."""
+def feed(kind: str, folder: Path, events: list, sites: list, uri=None, experiment="write-path", writers=None,
+         meter=None) -> dict:  # fmt: skip
+    """One receiver, the whole stream, counted back from MLflow; into a fresh SQLite store in
+    folder, or (uri) a tracking server, each run its own experiment there. meter: () -> {name:
+    CPU seconds} of the server's processes, read around the timed part."""
     from mlflow.tracking import MlflowClient
     from nvflare.apis.event_type import EventType
 
     folder.mkdir(parents=True, exist_ok=True)
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    uri = uri or f"sqlite:///{folder / 'mlflow.db'}"
     MlflowClient(uri).search_experiments()  # the store's tables exist before timing, as in any deployment
-    receiver = make_receiver(kind, uri)
+    receiver = make_receiver(kind, uri, experiment, writers)
     fl_ctx = context(folder, sites)
     errors = 0
     full_gcs = FullCollections()
     gc.callbacks.append(full_gcs)
+    cpu_before = (meter() if meter else {}) | {"this process": time.process_time()}
     started = time.perf_counter()
     receiver.handle_event(EventType.START_RUN, fl_ctx)
     save_s = 0.0
@@ -126,9 +137,10 @@ def feed(kind: str, folder: Path, events: list, sites: list) -> dict:
         save_s += time.perf_counter() - t
     receiver.handle_event(EventType.END_RUN, fl_ctx)
     elapsed = time.perf_counter() - started
+    cpu_after = (meter() if meter else {}) | {"this process": time.process_time()}
     gc.callbacks.remove(full_gcs)
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("write-path")
+    exp = client.get_experiment_by_name(experiment)
     stored = 0
     for run in client.search_runs([exp.experiment_id], max_results=1000):
         for key in KEYS:
@@ -145,6 +157,7 @@ def feed(kind: str, folder: Path, events: list, sites: list) -> dict:
         "save_errors": errors,
         "full_gcs": full_gcs.count,
         "full_gc_seconds": full_gcs.seconds,
+        "cpu_seconds": {name: cpu_after[name] - cpu_before[name] for name in cpu_after},
     }
     return out
 
@@ -168,14 +181,15 @@ class FullCollections:
             self._started = None
 
 
-def store_ceiling(folder: Path, points: int, profile: bool = False) -> dict:
-    """MlflowClient.log_batch alone, 1,000 metrics a request, into SQLite: what the store takes."""
+def store_ceiling(folder: Path, points: int, profile: bool = False, uri=None, experiment="ceiling") -> dict:
+    """MlflowClient.log_batch alone, 1,000 metrics a request, one request at a time, into SQLite
+    (or the tracking server at uri): what the store takes."""
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
     folder.mkdir(parents=True, exist_ok=True)
-    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
-    run_id = client.create_run(client.create_experiment("ceiling")).info.run_id
+    client = MlflowClient(uri or f"sqlite:///{folder / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment(experiment)).info.run_id
     now = int(time.time() * 1000)
     batches = [
         [Metric(KEYS[i % len(KEYS)], 0.5, now, b * 1000 + i) for i in range(1000)] for b in range(points // 1000)
@@ -250,6 +264,9 @@ def run(work: Path, quick: bool, results: dict, save) -> dict:
     }
     results["summary"]["store_ceiling"] = {"points_per_s": spread([r["store_ceiling"]["points_per_s"] for r in reps])}
     save()
+    import write_path_server  # here: it builds on this module's parts
+
+    write_path_server.run(work, quick, results.setdefault("server", {}), save)  # the store users deploy
     return results
 
 

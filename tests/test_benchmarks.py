@@ -104,3 +104,27 @@ def test_many_sites_summary_gives_the_issues_ratios_and_the_table_every_run(tmp_
         "2026-12-06 08:00:02,000 - INFO - Finished one task run for client: site-2 interval: 0.25\n"
     )
     assert site_turn.kept_turns(tmp_path) == {"turns": 2, "worker_starts": 0, "turn_median_s": 0.75}
+
+
+def test_the_server_store_table_gives_each_row_and_the_ratio_to_flares_receiver():
+    import write_path_server
+
+    def rep(ours, ours_1, flare, c1, c4):
+        cpu = {"mlflow": 20.0, "postgres": 2.0, "this process": 4.0}  # seconds, for 100,000 points
+        row = lambda rate: {"points_per_s": rate, "lost": 0, "save_us_per_event": 50.0, "stored": 100_000,  # noqa: E731
+                            "cpu_seconds": cpu}  # fmt: skip
+        return {"ours": row(ours), "ours_writers_1": row(ours_1), "flare": row(flare),
+                "store_ceiling": {"points_per_s": c1}, "store_ceiling_4": {"points_per_s": c4}}  # fmt: skip
+
+    results = {
+        "config": {"sites": 4, "points": 100_000, "repeats": 2, "server_workers": 4},
+        "repeats": [rep(4000, 2000, 2000, 2100, 4200), rep(6000, 2200, 2000, 2300, 4400)],
+    }
+    write_path_server.summarize(results, lambda: None)
+    assert results["summary"]["ours_over_flare"] == pytest.approx(2.5)
+    text = write_path_server.table(results)
+    assert "`mlflow server` (--workers 4) on PostgreSQL" in text
+    ours = "| this project's tracker, default writers (4 to a server) | 5,000 (4,000-6,000) | [0, 0] | 50 µs |"
+    assert f"{ours} 200, 20, 40 |" in text
+    assert "| FLARE's MLflowReceiver | 2,000 (2,000-2,000) |" in text and "ours / FLARE's (medians): 2.50" in text
+    assert write_path_server.table({"skipped": "PostgreSQL is not installed"}).endswith("PostgreSQL is not installed")

@@ -73,18 +73,20 @@ class MlflowServer:
         env=None,
         healthy=healthy,
         args=(),
+        workers: int = 1,
     ):
         """The defaults: SQLite in folder, 127.0.0.1. The deployment rehearsal passes another
         store (PostgreSQL), the address to listen on, a command prefix (`ip netns exec NS`),
         extra environment for the server, a health check that runs where the server is
-        reachable from, and more `mlflow server` options (args)."""
+        reachable from, and more `mlflow server` options (args). workers: the server's worker
+        processes (a database server serves several requests at once; SQLite one writer)."""
         self.folder = Path(folder).resolve()
         self.port = port or free_port()
         self.uri = f"http://{host}:{self.port}"
         self.auth = auth
         self.say = say
         self.host, self.prefix, self.extra_env, self.healthy = host, list(prefix), dict(env or {}), healthy
-        self.args = list(args)
+        self.args, self.workers = list(args), workers
         self.proc = None  # the Popen, when this process started the server
         self.pid_file = self.folder / "server.pid"
         self.credentials = self.folder / "credentials"
@@ -144,7 +146,7 @@ class MlflowServer:
         if self.healthy(self.uri):
             raise CliError(f"something else already answers on {self.uri}")
         cmd += ["--backend-store-uri", self.store, "--artifacts-destination", str(self.folder / "artifacts")]
-        cmd += ["--host", self.host, "--port", str(self.port), "--workers", "1", *self.args]
+        cmd += ["--host", self.host, "--port", str(self.port), "--workers", str(self.workers), *self.args]
         log_path = self.folder / "server.log"
         with open(log_path, "a") as log:  # the child keeps its own copy of the descriptor
             # Own process group and session: stop() ends the server and every worker it spawned.

@@ -33,6 +33,7 @@ from pathlib import Path
 from fl_lightning_mlflow.site.disclosure_policy import POLICY_FILE
 from flctl import netns, processes
 from flctl.errors import CliError, default_data_root, positive_int
+from flctl.local_postgres import cannot_run
 from flctl.mlflow_server import CREDENTIAL_VARS
 from flctl.policy import place as place_policies
 from flctl.policy import site_policy
@@ -52,7 +53,7 @@ from flctl.rehearsal_hosts import (
     description,
     site_name,
 )
-from flctl.rehearsal_tracking import TrackingHost, pg_bin
+from flctl.rehearsal_tracking import TrackingHost
 
 __all__ = ["CHECKS", "Rehearsal", "compare_contents", "preconditions", "rehearse"]  # what tests and callers use
 OWN_FOLDERS = ("project", "kits", "rogue", "tracking", "admin", "logs", "simulator")
@@ -69,21 +70,7 @@ def preconditions() -> str | None:
     why = netns.cannot_create()
     if why:
         return why
-    if shutil.which("setpriv") is None:
-        return "setpriv (util-linux) is missing: it starts PostgreSQL as the postgres user"
-    if pg_bin() is None:
-        return "PostgreSQL is not installed (apt-get install -y postgresql; scripts/setup.sh --postgres does it)"
-    try:
-        import pwd
-
-        pwd.getpwnam("postgres")
-    except KeyError:
-        return "no 'postgres' user (Debian's postgresql package creates it)"
-    try:
-        import psycopg2  # noqa: F401 - MLflow's PostgreSQL driver
-    except ImportError:
-        return "psycopg2 is missing (pip install -r requirements.txt)"
-    return None
+    return cannot_run()  # PostgreSQL as the postgres user, and MLflow's driver for it
 
 
 class Rehearsal(TrackingHost, Federation, CredentialScan, Comparison):
