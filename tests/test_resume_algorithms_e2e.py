@@ -18,6 +18,7 @@ from flctl.simulate import SITE_STATE_DIR
 from test_resume_e2e import KILL_AFTER, ROUNDS, run_and_kill_after_round
 
 pytestmark = pytest.mark.slow
+FAST = {"client.batch_size": 128}  # a quarter of the steps: what is checked here is the state, not the fit
 
 
 def same_runs_completed(server_dir, experiment: str, plan: dict) -> None:
@@ -34,7 +35,7 @@ def same_runs_completed(server_dir, experiment: str, plan: dict) -> None:
 def test_a_killed_scaffold_run_resumes_from_the_controls_of_its_last_round(offline_data, tmp_path):
     workspace = tmp_path / "ws"
     killed = run_and_kill_after_round(
-        workspace, offline_data, KILL_AFTER, job=REPO / "jobs" / "hello-lightning-scaffold"
+        workspace, offline_data, KILL_AFTER, job=REPO / "jobs" / "hello-lightning-scaffold", settings=FAST
     )
     state = load_state(killed / SERVER_JOB / "app_server" / "scaffold_server_state.pt", "scaffold")
     assert state["round"] == KILL_AFTER and any(v.abs().sum() > 0 for v in state["controls"].values())
@@ -61,7 +62,7 @@ def test_a_killed_scaffold_run_resumes_from_the_controls_of_its_last_round(offli
 
 def test_a_killed_fedopt_run_resumes_from_its_server_optimizer(offline_data, tmp_path):
     killed = run_and_kill_after_round(
-        tmp_path / "ws", offline_data, KILL_AFTER, job=REPO / "jobs" / "hello-lightning-fedopt"
+        tmp_path / "ws", offline_data, KILL_AFTER, job=REPO / "jobs" / "hello-lightning-fedopt", settings=FAST
     )
     state = load_state(killed / SERVER_JOB / "app_server" / "fedopt_server_state.pt", "fedopt", KILL_AFTER)
     assert state["optimizer"]["state"]  # SGD's momentum buffers
