@@ -149,9 +149,13 @@ def test_a_changed_model_class_is_refused(tmp_path, empty_store):
         prepare(run_dir, job_of(tmp_path), tmp_path / "cont", say=print)
 
 
-def test_a_live_job_is_left_alone(tmp_path, empty_store):
-    run_dir, _ = dead(tmp_path, empty_store)
+def test_a_live_job_is_left_alone(tmp_path, empty_store, monkeypatch):
     from fl_lightning_mlflow.server.journal import JOURNAL_DIR, try_lock
+    from flctl import resume_job
+
+    # The wait for a just-killed server's lock (15 s) is resume_job's; the refusal after it is tested here.
+    monkeypatch.setattr(resume_job, "LOCK_WAIT_SECONDS", 0.5)
+    run_dir, _ = dead(tmp_path, empty_store)
 
     held = try_lock(run_dir / JOURNAL_DIR)
     try:
