@@ -138,6 +138,27 @@ def test_mlflow_server_start_status_stop_with_auth_over_a_stale_pid_file(tmp_pat
     assert status.returncode == 3 and status.stdout.strip() == "mlflow-server: not running"
 
 
+def test_the_server_caches_a_checked_password_and_an_older_folder_gets_the_cache_once(tmp_path):
+    said = []
+    fresh = MlflowServer(tmp_path / "fresh", auth=True, say=said.append)
+    fresh.folder.mkdir()
+    fresh.ensure_secrets()
+    ini = (fresh.folder / "auth.ini").read_text()
+    assert ini.count("auth_cache_ttl_seconds = 60") == 1 and not [m for m in said if "added" in m]
+    # A folder from before the cache: its auth.ini gains the line once, stays mode 600, is said.
+    old = MlflowServer(tmp_path / "old", auth=True, say=said.append)
+    old.folder.mkdir()
+    old.ensure_secrets()
+    (old.folder / "auth.ini").write_text(ini.replace("auth_cache_ttl_seconds = 60\n", ""))
+    old.ensure_secrets()
+    old.ensure_secrets()
+    text = (old.folder / "auth.ini").read_text()
+    assert text.count("auth_cache_ttl_seconds = 60") == 1 and text.count("admin_password") == 1
+    assert (old.folder / "auth.ini").stat().st_mode & 0o777 == 0o600
+    added = f"mlflow-server: added 'auth_cache_ttl_seconds = 60' to {old.folder}/auth.ini"
+    assert [m for m in said if "added" in m] == [added]
+
+
 def test_stop_never_signals_a_process_that_is_not_the_server(tmp_path):
     folder = tmp_path / "mlflow-server"
     folder.mkdir()

@@ -26,6 +26,11 @@ from flctl import processes
 from flctl.errors import CliError, port_number
 
 CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+# MLflow's basic auth hashes the password at every request (tens of ms of the server's CPU each,
+# by design): without this cache a tracking server under the FL server's write stream spends
+# most of its CPU there. A successful check is kept 60 s per worker (HMAC-keyed, in memory);
+# a password changed through MLflow's API takes effect at once on the worker that changed it.
+AUTH_CACHE_LINE = "auth_cache_ttl_seconds = 60"
 
 
 def free_port() -> int:
@@ -116,13 +121,25 @@ class MlflowServer:
                 self.folder / "auth.ini",
                 f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{self.folder / 'auth.db'}\n"
                 f"admin_username = admin\nadmin_password = {password}\n"
-                "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n",
+                "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                f"{AUTH_CACHE_LINE}\n",
             )
             write_secret(self.folder / "server.env", f"MLFLOW_FLASK_SERVER_SECRET_KEY={secrets.token_hex(32)}\n")
             self.say(f"mlflow-server: created an admin password in {self.credentials} (mode 600)")
         for name in ("credentials", "auth.ini", "server.env"):
             os.chmod(self.folder / name, 0o600)
+        self.ensure_auth_cache()
         return {**read_env_file(self.folder / "server.env"), "MLFLOW_AUTH_CONFIG_PATH": str(self.folder / "auth.ini")}
+
+    def ensure_auth_cache(self) -> None:
+        """A folder made before the auth cache was set gets it (once, said): without it every
+        request pays a full password hash on the server, most of its CPU under our tracker."""
+        ini = self.folder / "auth.ini"
+        text = ini.read_text()
+        if "auth_cache_ttl_seconds" in text:
+            return
+        write_secret(ini, text.rstrip("\n") + f"\n{AUTH_CACHE_LINE}\n")
+        self.say(f"mlflow-server: added '{AUTH_CACHE_LINE}' to {ini}")
 
     # ----- start / stop ------------------------------------------------------------------------
     def start(self, timeout: float = 90) -> "MlflowServer":
