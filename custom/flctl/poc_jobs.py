@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from fl_lightning_mlflow.server.tracking_uri import USERINFO, redact_uri
-from flctl import nvflare_cli
+from flctl import nvflare_cli, processes
 from flctl.check_job import check_or_fail, split_sites
 from flctl.configure import JobConfigError, configure_job
 from flctl.errors import CliError
@@ -109,6 +109,25 @@ class PocJobs:
         self.say(f"poc: job {job_id} finished: {status}")
         if not self.pids():
             raise CliError("the POC system stopped while the job ran")
+        self.wait_for_job_process(job_id)
+
+    def wait_for_job_process(self, job_id: str, limit: float = 300) -> None:
+        """FLARE may call a job finished while its server job process still runs: there the
+        tracker writes the last of the runs (its final flush). Return once that process is gone,
+        so what follows (download, reading MLflow) sees the runs complete."""
+
+        def job_process():
+            return processes.naming(self.prod / "server", lambda line: "runner_process" in line and job_id in line)
+
+        deadline, said = time.monotonic() + limit, False
+        while job_process():
+            if time.monotonic() > deadline:
+                self.say(f"poc: job {job_id}'s server process still runs after {limit:.0f} s; not waiting longer")
+                return
+            if not said:
+                self.say(f"poc: job {job_id}'s server process is finishing (the tracker's last writes)")
+                said = True
+            time.sleep(0.5)
 
     def download(self):
         job_id = self.resolve_job_id()
