@@ -67,7 +67,7 @@ def build(spec: dict, raw: dict, where: str, path, problems: Problems):
         return None
     ok = check_arguments(cls, args, where, problems)
     raw_args = raw.get("args") if isinstance(raw.get("args"), dict) else {}
-    for name, low in RANGES.get(cls.__name__, {}).items():
+    for name, low in RANGES.get(getattr(cls, "__name__", None), {}).items():
         value = args.get(name)
         if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < low):
             problems.append(f"{origin(raw_args.get(name), where, name, path)}: {name} must be >= {low}, got {value!r}")
@@ -94,17 +94,30 @@ def build(spec: dict, raw: dict, where: str, path, problems: Problems):
 def check_arguments(cls, args: dict, where: str, problems: Problems, filled=()) -> bool:
     """Every argument one cls takes (with a "did you mean"), none it requires missing; filled:
     arguments the caller supplies itself (the engine fills in a DataModule's site)."""
-    params = inspect.signature(cls).parameters
+    try:
+        params = inspect.signature(cls).parameters
+    except TypeError:  # not callable: e.g. a class path that stops at the module
+        what = f"module {cls.__name__!r}" if inspect.ismodule(cls) else f"a {type(cls).__name__}"
+        problems.append(f"{where}: the class path names {what}, not a class")
+        return False
+    except ValueError:  # a builtin without a signature (e.g. builtins.dict): its constructor judges
+        return True
     takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
     named = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    if takes_any and hasattr(cls, "__mro__"):  # e.g. PTExecutor(**kwargs) -> LightningExecutor
-        for base in cls.__mro__[1:]:
-            if "__init__" in vars(base):
-                named += [n for n in inspect.signature(base).parameters if n not in named and n != "self"]
-                break
+    if takes_any:  # e.g. PTExecutor(**kwargs) -> LightningExecutor: the base's arguments
+        inits = [b for b in getattr(cls, "__mro__", ()) if "__init__" in vars(b)]  # [its own, its base's, ...]
+        base = inits[1] if len(inits) > 1 else object
+        try:
+            base_params = None if base is object else inspect.signature(base).parameters
+        except ValueError:  # a builtin base without a signature
+            base_params = None
+        if base_params is None or any(p.kind == p.VAR_KEYWORD for p in base_params.values()):
+            named = None  # its **kwargs go to no named arguments (kept, or passed on to any): all taken
+        else:
+            named += [n for n in base_params if n not in named and n != "self"]
     ok = True
     for name in args:
-        if name not in named:
+        if named is not None and name not in named:
             close = difflib.get_close_matches(name, named, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else f"; it takes {sorted(named)}"
             problems.append(f"{where}.args: {cls.__name__} has no argument {name!r}{hint}")

@@ -76,16 +76,18 @@ class ServerConfig:
             return None, "max"
         args = self.selector.get("args", {})
         if self.selector["path"] == FLARE_SELECTOR:
-            return self.value(args.get("key_metric", "val_accuracy")), "min" if args.get("negate_key_metric") else "max"
+            negate = self.value(args.get("negate_key_metric"))
+            return self.value(args.get("key_metric", "val_accuracy")), "min" if negate else "max"
         return self.value(args.get("key_metric")), self.value(args.get("key_metric_mode", "max"))
 
     @property
     def model_class(self) -> str | None:
-        """The class path of the persistor's model (initial_model's module), if it names one."""
+        """The class path of the persistor's model (initial_model's module), if it names one; a
+        "{module_path}" reference resolved (as the template's persistor writes it)."""
         model = self.persistor.get("args", {}).get("model")
         if isinstance(model, dict):
             module = (model.get("args") or {}).get("module")
-            return module.get("path") if isinstance(module, dict) else model.get("path")
+            return self.value(module.get("path") if isinstance(module, dict) else model.get("path"))
         return None
 
 
