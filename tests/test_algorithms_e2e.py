@@ -1,5 +1,7 @@
-"""The FedProx and SCAFFOLD jobs in the real FLARE simulator: 2 sites, 2 rounds, offline data,
-tracked in SQLite, through flctl simulate (configure a copy, check it, run, judge)."""
+"""The FedProx job in the real FLARE simulator: 2 sites, 2 rounds, offline data, tracked in
+SQLite, through flctl simulate (configure a copy, check it, run, judge). SCAFFOLD's and FedOpt's
+runs are their resume tests' (tests/test_resume_algorithms_e2e.py): a killed run and its resume
+check each algorithm's exchange and records on the way."""
 
 import pytest
 
@@ -53,22 +55,3 @@ def test_fedprox_job_trains_with_the_proximal_term_and_records_it(offline_data, 
         assert float(child.data.params["fedprox_mu"]) == 0.01, site
         assert {"train_prox_loss_step", "train_prox_loss_epoch"} <= set(child.data.metrics), site
     assert run.log.count("aggregating 2 update(s) at round") == ROUNDS  # FedAvg on the server
-
-
-def test_scaffold_job_exchanges_control_variates_and_records_the_algorithm(offline_data, tmp_path):
-    run = run_job("hello-lightning-scaffold", offline_data, tmp_path)
-    parent, _ = runs_of(run.server_dir, "hello-lightning-scaffold")
-    params = parent.data.params
-    assert params["algorithm"] == "SCAFFOLD" and params["scaffold_control_update"].startswith("option II")
-    assert params["num_rounds"] == str(ROUNDS) and params["lr"] == "0.02"
-    log = run.log
-    assert "Beginning ScatterAndGatherScaffold training phase." in log
-    # Every round, both sites' weight and control differences were aggregated, key by key.
-    assert log.count("Aggregated contributions matching key 'scaffold_c_diff'.") == ROUNDS
-    assert log.count("Contribution from site-1 ACCEPTED by the aggregator") == ROUNDS
-    # Each site keeps its own control variates between rounds, under the run's lineage where a
-    # continuation finds them (the simulator's sites: flctl's WORKSPACE/site_state/<site>), and the
-    # server its global ones beside the model.
-    for site in ("site-1", "site-2"):
-        assert len(list((tmp_path / f"site_state/{site}/scaffold_controls").glob("*.pt"))) == 1
-    assert (run.server_dir / "app_server" / "scaffold_server_state.pt").is_file()
