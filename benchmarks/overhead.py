@@ -1,11 +1,14 @@
 """FL wall time against the physical floor, where start-up and shutdown go, and the cost of tracking.
 
-The floor is the same sites' training in parallel plain-Lightning processes, one per site, with
+The floor is the same sites' compute in parallel plain-Lightning processes, one per site, with
 the threads each site gets in the simulator (usable cores // sites): nothing of FLARE, imports
-and data loading outside the timed part (floor_site.py). Against it runs the default job in the
-simulator with per-step metrics streamed (tracking on) and with no logger on the sites (off).
-The three are interleaved, in a rotating order, `repeats` times; medians and spreads are
-reported, ratios taken within each repeat.
+and data loading outside the timed part (floor_site.py: each round's validation of the model
+received, training, and Lightning's validation of the trained model). fit_floor_s is the floor
+as measured before 2026-12-06 afternoon: one Trainer's fit, where a round's closing validation
+stands in for the next round's opening one, so rounds - 1 of the job's validations are missing.
+Against it runs the default job in the simulator with per-step metrics streamed (tracking on)
+and with no logger on the sites (off). The three are interleaved, in a rotating order, `repeats`
+times; medians and spreads are reported, ratios taken within each repeat.
 """
 
 import subprocess
@@ -86,6 +89,7 @@ def floor(work: Path, data_root, sites: int, rounds: int, epochs: int) -> dict:
     times = {s: json.loads((folder / f"{s}.json").read_text()) for s in names}
     return {
         "floor_s": max(t["ended"] for t in times.values()) - go,
+        "fit_floor_s": max(t["fit_ended"] for t in times.values()) - go,
         "per_site_s": {s: t["ended"] - t["started"] for s, t in times.items()},
         "threads_per_site": threads,
     }
@@ -102,7 +106,10 @@ def run(work: Path, quick: bool, results: dict, save) -> dict:
         for kind in rep["order"]:
             if kind == "floor":
                 rep["floor"] = floor(work, data, cfg["sites"], cfg["rounds"], cfg["epochs"])
-                say(f"    repeat {i + 1}: floor {rep['floor']['floor_s']:.1f} s")
+                f = rep["floor"]
+                say(
+                    f"    repeat {i + 1}: floor {f['floor_s']:.1f} s (one Trainer's fit alone {f['fit_floor_s']:.1f} s)"
+                )
                 continue
             tracking = kind == "on"
             fed = federated(
@@ -137,6 +144,12 @@ def summary(reps) -> dict:
         "wall_on_s": spread([f["wall_s"] for f in on]),
         "wall_over_floor": spread([f["wall_s"] / fl for f, fl in zip(on, floors, strict=True)]),
         "rounds_over_floor": spread([f["rounds_s"] / fl for f, fl in zip(on, floors, strict=True)]),
+        # against the floor as measured before (fit alone, rounds - 1 validations short); absent in older files
+        "rounds_over_fit_floor": spread(
+            [f["rounds_s"] / r["floor"]["fit_floor_s"] for f, r in zip(on, reps, strict=True)]
+        )
+        if all("fit_floor_s" in r["floor"] for r in reps)
+        else None,
         "fixed_s": spread([f["startup_s"] + f["shutdown_s"] for f in on]),
         "startup_s": spread([f["startup_s"] for f in on]),
         "shutdown_s": spread([f["shutdown_s"] for f in on]),
@@ -167,13 +180,16 @@ def table(results) -> str:
         ("floor: the sites' training in parallel processes, no FLARE", _fmt(s["floor_s"], " s", 1), ""),
         ("FL wall time, tracking on (per-step metrics)", _fmt(s["wall_on_s"], " s", 1), ""),
         ("FL wall / floor", _fmt(s["wall_over_floor"]), "target <= 1.15"),
-        ("FL rounds / floor", _fmt(s["rounds_over_floor"]), ""),
+        ("FL rounds / floor", _fmt(s["rounds_over_floor"]), "target <= 1.10"),
         ("start-up + shutdown", _fmt(s["fixed_s"], " s", 1), "target <= 30 s"),
         ("tracking on / off: rounds", _fmt(s["tracking_rounds"], "", 3), "target <= 1.03"),
         ("tracking on / off: wall", _fmt(s["tracking_wall"], "", 3), ""),
         ("tracking on / off: summed site fit time", _fmt(s["tracking_site_fit"], "", 3), ""),
         ("metric points streamed / lost per run", f"{s['points_streamed']} / {s['points_lost']}", ""),
     ]
+    if s.get("rounds_over_fit_floor"):
+        rows.insert(4, ("FL rounds / the fit alone (the floor before; rounds - 1 validations short)",
+                        _fmt(s["rounds_over_fit_floor"]), ""))  # fmt: skip
     lines = ["| measure | value | target |", "| --- | --- | --- |"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     lines += ["", "Where the fixed seconds go (tracking on, medians):", "", "| phase | seconds |", "| --- | --- |"]
