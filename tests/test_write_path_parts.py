@@ -144,13 +144,17 @@ def test_the_writer_loop_starts_the_threads_it_is_asked_for_and_at_least_one():
     from fl_lightning_mlflow.server.writer_loop import WriterLoop
 
     class Idle:  # a queue with nothing to take, closing: each thread ends at once
+        sender, stats = object(), {"writer_errors": 0}
+
         def _take(self):
             return None
 
-    loop = WriterLoop(Idle(), 0.01, 0.1)
+    idle = Idle()
+    loop = WriterLoop(idle, 0.01, 0.1)
     threads = loop.start(3)
     assert [t.name for t in threads] == ["mlflow-writer-0", "mlflow-writer-1", "mlflow-writer-2"]
     assert len(loop.start(0)) == 1
     for t in threads:
         t.join(5)
     assert not any(t.is_alive() for t in threads) and loop.last_error is None
+    assert idle.stats["writer_errors"] == 0  # each ended by finding nothing, not by an error
