@@ -9,8 +9,9 @@ Usage: scripts/test.sh [--fast] [--venv DIR] [-- PYTEST_ARGS...]
 
 Creates/updates the virtual environment with the dev requirements (scripts/setup.sh --dev),
 runs ruff check and ruff format --check, then pytest: the unit tests in parallel (pytest-xdist,
-up to 4 workers), then the slow end-to-end tests one at a time. --fast skips the slow ones. With
-PYTEST_ARGS, one pytest run of that selection. Tests write only to pytest's temporary folders and need no network.
+up to 4 workers), then the slow end-to-end tests one at a time. --fast skips the slow ones.
+With PYTEST_ARGS, one pytest run of that selection. Tests write only to pytest's temporary
+folders and need no network.
 USAGE
 }
 
