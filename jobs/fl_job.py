@@ -303,6 +303,7 @@ def settings(args):
         "log_models": "best_and_final",
         "cross_site_models": "all",
         "task_request_interval": 0.25,
+        "task_check_period": 0.05,
     }
     return client, server
 
@@ -360,6 +361,7 @@ def build_job(args, code: list[tuple[Path, str]]):
         shareable_generator_id="shareable_generator",
         train_task_name="train",
         train_timeout="{train_timeout}",
+        task_check_period="{task_check_period}",
     )
     job.to_server(sag, id="scatter_and_gather")
     cse = configured(
@@ -368,6 +370,7 @@ def build_job(args, code: list[tuple[Path, str]]):
         model_locator_id="model_locator",
         submit_model_timeout=600,
         validation_timeout=600,
+        task_check_period="{task_check_period}",
     )
     job.to_server(cse, id="cross_site_model_eval")
     initial_model = {
@@ -381,6 +384,8 @@ def build_job(args, code: list[tuple[Path, str]]):
         "aggregator": configured(
             InTimeAccumulateWeightedAggregator, expected_data_kind="WEIGHT_DIFF", weigh_by_local_iter=True
         ),
+        # FLARE 2.9's task loops ignore the workflows' task_check_period without it
+        "task_check_period_fix": configured("fl_lightning_mlflow.server.task_check_period.TaskCheckPeriod"),
         "min_clients_guard": configured(
             "fl_lightning_mlflow.server.guard.MinClientsGuard",
             min_clients="{min_clients}",

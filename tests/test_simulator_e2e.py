@@ -108,3 +108,12 @@ def test_a_site_without_its_split_ends_the_job_with_one_clear_line(offline_data,
     _, (parent,), children = tracked_runs(tmp_path / "workspace/server/simulate_job")
     assert parent.info.status == "FAILED" and "min_responses" in parent.data.tags["failure_reason"]
     assert {run.info.status for run in children.values()} == {"FAILED"}
+
+
+def test_the_server_checks_its_tasks_as_configured(finished_run):
+    """The template's task_check_period reaches FLARE's task loops (server.task_check_period)."""
+    _, log = finished_run
+    assert (
+        "task_check_period in effect: scatter_and_gather 0.05 s (FLARE's communicator had 0.2 s), "
+        "cross_site_model_eval 0.05 s (FLARE's communicator had 0.2 s)"
+    ) in log
