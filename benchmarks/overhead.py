@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from bench_common import REPO, federated, first_time, last_time, make_data, say, spread
+from round_anatomy import anatomy, run_lines
 
 # (phase, the log line that ends it, first or last such line); a missing line folds the phase
 # into the next one. "launch" is flctl simulate's start; the last phase ends when it returns.
@@ -122,6 +123,7 @@ def run(work: Path, quick: bool, results: dict, save) -> dict:
                 extra={"client.tracking": tracking, "client.log_every_n_steps": 1},
             )
             fed["phases"] = phases(fed.pop("_lines"), fed["started"], fed["started"] + fed["wall_s"])
+            fed["round_anatomy"] = anatomy(run_lines(Path(fed["log"])))  # the sites' own logs name the site
             rep[f"tracking_{kind}"] = fed
             say(
                 f"    repeat {i + 1}: tracking {kind}: wall {fed['wall_s']:.1f} s = start-up {fed['startup_s']:.1f}"
@@ -149,6 +151,10 @@ def summary(reps) -> dict:
             [f["rounds_s"] / r["floor"]["fit_floor_s"] for f, r in zip(on, reps, strict=True)]
         )
         if all("fit_floor_s" in r["floor"] for r in reps)
+        else None,
+        # seconds of the rounds beyond each round's slowest site task (round_anatomy.py); absent in older files
+        "beyond_slowest_tasks_s": spread([f["round_anatomy"]["beyond_slowest_tasks_s"] for f in on])
+        if all(f.get("round_anatomy") for f in on)
         else None,
         "fixed_s": spread([f["startup_s"] + f["shutdown_s"] for f in on]),
         "startup_s": spread([f["startup_s"] for f in on]),
@@ -187,6 +193,9 @@ def table(results) -> str:
         ("tracking on / off: summed site fit time", _fmt(s["tracking_site_fit"], "", 3), ""),
         ("metric points streamed / lost per run", f"{s['points_streamed']} / {s['points_lost']}", ""),
     ]
+    if s.get("beyond_slowest_tasks_s"):
+        rows.insert(4, (f"rounds beyond each round's slowest site task ({cfg['rounds']} rounds)",
+                        _fmt(s["beyond_slowest_tasks_s"], " s"), ""))  # fmt: skip
     if s.get("rounds_over_fit_floor"):
         rows.insert(4, ("FL rounds / the fit alone (the floor before; rounds - 1 validations short)",
                         _fmt(s["rounds_over_fit_floor"]), ""))  # fmt: skip

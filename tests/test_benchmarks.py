@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import accuracy  # noqa: E402
 import overhead  # noqa: E402
+import round_anatomy  # noqa: E402
 import run_benchmarks  # noqa: E402
 import write_path  # noqa: E402
 from bench_common import spread  # noqa: E402
@@ -128,3 +129,59 @@ def test_the_server_store_table_gives_each_row_and_the_ratio_to_flares_receiver(
     assert f"{ours} 200, 20, 40 |" in text
     assert "| FLARE's MLflowReceiver | 2,000 (2,000-2,000) |" in text and "ours / FLARE's (medians): 2.50" in text
     assert write_path_server.table({"skipped": "PostgreSQL is not installed"}).endswith("PostgreSQL is not installed")
+
+
+def flare_line(seconds: float, who: str, text: str) -> str:
+    """A FLARE log line as a site's or the server's log.txt holds it (identity names the process)."""
+    return stamp(seconds).replace(" - INFO - ", f" - X - INFO - [identity={who}, run=simulate_job] - ") + text
+
+
+def test_round_anatomy_splits_each_round_into_its_slowest_task_and_the_gaps_around_it():
+    lines = [
+        flare_line(1.0, "site-1", "round 0: training starts"),
+        flare_line(1.2, "site-2", "round 0: training starts"),
+        flare_line(9.0, "site-1", "round 0: train task took 8.0 s"),
+        flare_line(10.2, "site-2", "round 0: train task took 9.0 s"),
+        flare_line(10.5, "simulator_server", "aggregating 2 update(s) at round 0"),
+        flare_line(10.6, "simulator_server", "Round 1 started."),
+        flare_line(10.7, "site-2", "round 1: training starts"),
+        flare_line(11.0, "site-1", "round 1: training starts"),
+        flare_line(19.0, "site-1", "round 1: train task took 8.0 s"),
+        flare_line(19.5, "site-2", "round 1: train task took 8.8 s"),
+        flare_line(19.6, "simulator_server", "aggregating 2 update(s) at round 1"),
+    ]
+    got = round_anatomy.anatomy(lines)
+    assert got["rounds"] == 2 and got["slowest_task_s"] == [9.0, 8.8]
+    assert got["result_to_aggregation_s"] == pytest.approx([0.3, 0.1], abs=0.01)
+    assert got["aggregation_to_next_start_s"] == pytest.approx([0.1], abs=0.01)
+    assert got["start_to_last_site_s"] == pytest.approx([0.4], abs=0.01)  # round 0 has no "started" line here
+    assert got["rounds_s"] == pytest.approx(18.6, abs=0.01)  # the first "training starts" to the last aggregation
+    assert got["beyond_slowest_tasks_s"] == pytest.approx(18.6 - 17.8, abs=0.01)
+
+
+def test_round_anatomy_of_a_log_without_rounds_is_empty():
+    assert round_anatomy.anatomy([flare_line(1.0, "site-1", "round 0: training starts"), "no time stamp"]) == {}
+
+
+def test_round_anatomy_adds_each_runs_anatomy_to_the_results_file_and_names_a_missing_log(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    (run_dir / "simulator" / "server").mkdir(parents=True)
+    (run_dir / "simulator" / "site-1").mkdir()
+    (run_dir / "simulator" / "site-1" / "log.txt").write_text(
+        flare_line(1.0, "site-1", "round 0: training starts")
+        + "\n"
+        + flare_line(5.0, "site-1", "round 0: train task took 4.0 s\n")
+    )
+    (run_dir / "simulator" / "server" / "log.txt").write_text(
+        flare_line(5.5, "simulator_server", "aggregating 1 update(s) at round 0") + "\n"
+    )
+    results = tmp_path / "results.json"
+    on, off = {"log": str(run_dir)}, {"log": str(tmp_path / "gone")}
+    results.write_text(__import__("json").dumps({"overhead": {"repeats": [{"tracking_on": on, "tracking_off": off}]}}))
+    assert round_anatomy.main([str(results)]) == 0
+    saved = __import__("json").loads(results.read_text())["overhead"]["repeats"][0]
+    assert saved["tracking_on"]["round_anatomy"]["beyond_slowest_tasks_s"] == pytest.approx(
+        0.5, abs=0.01
+    )  # 4.5 s - 4.0 s
+    assert "round_anatomy" not in saved["tracking_off"]
+    assert f"tracking_off: no log folder {tmp_path / 'gone'}" in capsys.readouterr().out
