@@ -11,8 +11,8 @@ site begins the next task (the site's poll for it). Those are read from the log'
 they hold whatever the machine's speed at the time, which the rounds / floor ratio does not: the
 floor and the job run minutes apart.
 
-For each overhead run in each results file (its "log" folder), adds "round_anatomy" to the run
-and rewrites the file; prints one line per run.
+For each overhead run in each results file (its "log" folder), adds "round_anatomy" to the run,
+recomputes the section's summary and rewrites the file; prints one line per run.
 """
 
 import json
@@ -54,7 +54,8 @@ def anatomy(lines) -> dict:
         return {}
     to_aggregation = [agg[r] - done[r] for r in rounds]
     to_next_start = [started[r + 1] - agg[r] for r in rounds if r + 1 in started]
-    to_last_pickup = [starts[r] - started[r] for r in rounds if r in started and r in starts]
+    # round 0's start comes before the sites' processes exist: start-up, not a poll
+    to_last_pickup = [starts[r] - started[r] for r in rounds if r in started and r in starts and r - 1 in agg]
     rounds_s = agg[rounds[-1]] - first_start  # as the overhead section's rounds phase: first start, last aggregation
     return {
         "rounds": len(rounds),
@@ -100,7 +101,10 @@ def main(argv) -> int:
                     f" {statistics.median(a['aggregation_to_next_start_s'] or [0]):.2f} s, start to last site"
                     f" {statistics.median(a['start_to_last_site_s'] or [0]):.2f} s"
                 )
-        path.write_text(json.dumps(results, indent=1))
+        from overhead import summary  # here: overhead imports this module
+
+        results["overhead"]["summary"] = summary(results["overhead"]["repeats"])  # with the new total in it
+        path.write_text(json.dumps(results, indent=2) + "\n")  # as run_benchmarks.py writes it
     return 0
 
 

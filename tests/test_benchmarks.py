@@ -1,6 +1,7 @@
 """The benchmark code's own logic, on made-up inputs (no benchmark runs here: no timing is asserted)."""
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -138,6 +139,7 @@ def flare_line(seconds: float, who: str, text: str) -> str:
 
 def test_round_anatomy_splits_each_round_into_its_slowest_task_and_the_gaps_around_it():
     lines = [
+        flare_line(0.5, "simulator_server", "Round 0 started."),  # before the sites' processes: start-up
         flare_line(1.0, "site-1", "round 0: training starts"),
         flare_line(1.2, "site-2", "round 0: training starts"),
         flare_line(9.0, "site-1", "round 0: train task took 8.0 s"),
@@ -154,7 +156,7 @@ def test_round_anatomy_splits_each_round_into_its_slowest_task_and_the_gaps_arou
     assert got["rounds"] == 2 and got["slowest_task_s"] == [9.0, 8.8]
     assert got["result_to_aggregation_s"] == pytest.approx([0.3, 0.1], abs=0.01)
     assert got["aggregation_to_next_start_s"] == pytest.approx([0.1], abs=0.01)
-    assert got["start_to_last_site_s"] == pytest.approx([0.4], abs=0.01)  # round 0 has no "started" line here
+    assert got["start_to_last_site_s"] == pytest.approx([0.4], abs=0.01)  # round 1's only
     assert got["rounds_s"] == pytest.approx(18.6, abs=0.01)  # the first "training starts" to the last aggregation
     assert got["beyond_slowest_tasks_s"] == pytest.approx(18.6 - 17.8, abs=0.01)
 
@@ -176,12 +178,14 @@ def test_round_anatomy_adds_each_runs_anatomy_to_the_results_file_and_names_a_mi
         flare_line(5.5, "simulator_server", "aggregating 1 update(s) at round 0") + "\n"
     )
     results = tmp_path / "results.json"
-    on, off = {"log": str(run_dir)}, {"log": str(tmp_path / "gone")}
-    results.write_text(__import__("json").dumps({"overhead": {"repeats": [{"tracking_on": on, "tracking_off": off}]}}))
+    timings = {"wall_s": 10.0, "rounds_s": 4.5, "startup_s": 3.0, "shutdown_s": 2.5, "site_fit_s": 4.0, "phases": {}}
+    on, off = {**timings, "log": str(run_dir)}, {**timings, "log": str(tmp_path / "gone")}
+    repeat = {"floor": {"floor_s": 4.0, "fit_floor_s": 3.5}, "tracking_on": on, "tracking_off": off}
+    results.write_text(json.dumps({"overhead": {"repeats": [repeat]}}))
     assert round_anatomy.main([str(results)]) == 0
-    saved = __import__("json").loads(results.read_text())["overhead"]["repeats"][0]
-    assert saved["tracking_on"]["round_anatomy"]["beyond_slowest_tasks_s"] == pytest.approx(
-        0.5, abs=0.01
-    )  # 4.5 s - 4.0 s
-    assert "round_anatomy" not in saved["tracking_off"]
+    saved = json.loads(results.read_text())["overhead"]
+    anatomy = saved["repeats"][0]["tracking_on"]["round_anatomy"]
+    assert anatomy["beyond_slowest_tasks_s"] == pytest.approx(0.5, abs=0.01)  # 4.5 s of rounds, a 4.0 s task
+    assert saved["summary"]["beyond_slowest_tasks_s"]["median"] == pytest.approx(0.5, abs=0.01)
+    assert "round_anatomy" not in saved["repeats"][0]["tracking_off"]
     assert f"tracking_off: no log folder {tmp_path / 'gone'}" in capsys.readouterr().out
