@@ -42,7 +42,7 @@ def apply_periods(workflows) -> list:
 
 
 class TaskCheckPeriod(FLComponent):
-    """config_fed_server.json: {"id": "task_check_period", "path":
+    """config_fed_server.json: {"id": "task_check_period_fix", "path":
     "fl_lightning_mlflow.server.task_check_period.TaskCheckPeriod", "args": {}}; the periods are the
     workflows' own task_check_period arguments."""
 
