@@ -19,7 +19,7 @@ def summary_markdown(results: dict) -> str:
         parts += ["## Write path", write_path.table(results["write_path"])]
         if results["write_path"].get("server"):
             server = write_path_server.table(results["write_path"]["server"])
-            parts += ["### Write path on an mlflow server with PostgreSQL", server]
+            parts += ["### Write path on an mlflow server", server]  # the table's first line says which
     if results.get("accuracy", {}).get("summary"):
         parts += ["## Accuracy", accuracy.table(results["accuracy"])]
     if results.get("scaling", {}).get("points"):

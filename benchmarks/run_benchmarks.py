@@ -11,7 +11,8 @@ ratio is measured within one run on one machine. Sections:
               off) x repeats; FL wall / floor, where start-up and shutdown go, tracking on / off
   write_path  the server's write path against FLARE's MLflowReceiver, the same stream through
               the same entry point (save) into SQLite, every point counted back, plus a profile;
-              then into an mlflow server (4 workers) on PostgreSQL on 127.0.0.1 (needs root)
+              then into an mlflow server (4 workers) on PostgreSQL on 127.0.0.1 (needs root),
+              or into BENCH_TRACKING_SERVER=http://host:port: a server on cores of its own
   accuracy    FedAvg, FedProx, SCAFFOLD and FedOpt x IID / Dirichlet 0.5 / 0.1 x 3 seeds on the
               hard offline set, one MLflow experiment; centralized training beside them
   many_sites  sites 2, 4, 8, 16 all at once and on 2 simulator threads; at 16 sites, cross-site

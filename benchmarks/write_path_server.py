@@ -8,15 +8,23 @@ network namespaces and basic auth). Rows: this project's tracker with its defaul
 log_batch alone at 1,000 metrics a request, one at a time and 4 at once (each into its own run).
 Each receiver writes into an experiment of its own on the same server; the order rotates per
 repeat, so a table that grows is no one's handicap. The server is started once for the section.
+
+BENCH_TRACKING_SERVER=http://host:port measures an mlflow server that runs elsewhere instead (on
+cores of its own, as deployed; credentials from MLFLOW_TRACKING_USERNAME / _PASSWORD): nothing is
+started, and its CPU is not metered from here. Every repeat writes new experiments on it.
 """
 
+import os
 import threading
 import time
+from contextlib import nullcontext
+from types import SimpleNamespace
 
 from bench_common import say, spread
 from write_path import feed, settings, store_ceiling, stream
 
 WORKERS = 4  # the server's worker processes (uvicorn): requests it serves at once
+ELSEWHERE = "BENCH_TRACKING_SERVER"  # an mlflow server on another host, measured instead of a local one
 KINDS = {"ours": None, "ours_writers_1": 1, "flare": None}  # kind -> our writers (None: the default)
 LABELS = {
     "ours": "this project's tracker, default writers (4 to a server)",
@@ -50,28 +58,48 @@ def parallel_ceiling(uri: str, points: int, threads: int, experiment: str) -> di
     return {"points": per * 1000 * threads, "seconds": elapsed, "points_per_s": per * 1000 * threads / elapsed}
 
 
+def elsewhere_problem(uri: str):
+    """Why ELSEWHERE's value cannot be measured (one line), or None."""
+    from fl_lightning_mlflow.server.tracking_uri import redact_uri
+
+    if uri.startswith(("http://", "https://")):
+        return None
+    return f"{ELSEWHERE} must be the http(s):// address of an mlflow server, got {redact_uri(uri)!r}"
+
+
 def run(work, quick: bool, results: dict, save) -> dict:
+    from fl_lightning_mlflow.server.tracking_uri import redact_uri
     from flctl.errors import CliError
     from flctl.local_postgres import cannot_run
     from flctl.pg_mlflow_server import pg_mlflow_server
 
-    why = cannot_run()
+    elsewhere = os.environ.get(ELSEWHERE, "").strip()
+    why = elsewhere_problem(elsewhere) if elsewhere else cannot_run()
     if why:
         say(f"    server store skipped: {why}")
         results["skipped"] = why
         save()
         return results
     results.pop("skipped", None)
-    cfg = results.setdefault("config", {**settings(quick), "server_workers": WORKERS})
+    where = {"server_uri": redact_uri(elsewhere)} if elsewhere else {}
+    cfg = results.setdefault("config", {**settings(quick), "server_workers": None if elsewhere else WORKERS, **where})
+    if cfg.get("server_uri") != where.get("server_uri"):
+        was, now = (c.get("server_uri") or "the local PostgreSQL" for c in (cfg, where))
+        raise RuntimeError(f"the server store part of this results file measured {was}, not {now}; use another --out")
     sites = [f"site-{k + 1}" for k in range(cfg["sites"])]
     events = stream(cfg["sites"], cfg["points"])
     reps = results.setdefault("repeats", [])
     if len(reps) >= cfg["repeats"]:
         return summarize(results, save)
     try:
-        with pg_mlflow_server(workers=cfg["server_workers"]) as stack:
+        # elsewhere: nothing to start, and no process of it to meter from here
+        server = nullcontext(SimpleNamespace(uri=elsewhere, cpu_seconds=None)) if elsewhere else None
+        with server or pg_mlflow_server(workers=cfg["server_workers"]) as stack:
             uri = stack.uri
-            say(f"    mlflow server on PostgreSQL at {uri}, {cfg['server_workers']} workers")
+            if elsewhere:
+                say(f"    the mlflow server at {cfg['server_uri']} ({ELSEWHERE}); nothing started here")
+            else:
+                say(f"    mlflow server on PostgreSQL at {uri}, {cfg['server_workers']} workers")
             # Each worker process opens its store at its first request (seconds on a loaded machine):
             # paid here, not by whichever receiver goes first.
             for _ in range(2):
@@ -134,9 +162,12 @@ def table(results) -> str:
     if "summary" not in results:
         return f"Server store not measured: {results.get('skipped', 'no results')}"
     cfg, s = results["config"], results["summary"]
+    if cfg.get("server_uri"):
+        where = f"into the mlflow server at {cfg['server_uri']} (another host's; not started here)"
+    else:
+        where = f"into `mlflow server` (--workers {cfg['server_workers']}) on PostgreSQL, both on 127.0.0.1"
     head = (
-        f"{cfg['points']:,} metric points from {cfg['sites']} sites, into `mlflow server` "
-        f"(--workers {cfg['server_workers']}) on PostgreSQL, both on 127.0.0.1; medians of {cfg['repeats']}"
+        f"{cfg['points']:,} metric points from {cfg['sites']} sites, {where}; medians of {cfg['repeats']}"
         f" repeat(s), rotating order\n\n"
     )
     rows = [

@@ -131,6 +131,38 @@ def test_the_server_store_table_gives_each_row_and_the_ratio_to_flares_receiver(
     assert "| FLARE's MLflowReceiver | 2,000 (2,000-2,000) |" in text and "ours / FLARE's (medians): 2.50" in text
     assert write_path_server.table({"skipped": "PostgreSQL is not installed"}).endswith("PostgreSQL is not installed")
 
+    results["config"]["server_uri"] = "https://tracking.example.org"
+    assert "into the mlflow server at https://tracking.example.org (another host's; not started here)" in (
+        write_path_server.table(results)
+    )
+
+
+def test_a_server_elsewhere_must_be_an_http_address_and_its_password_is_never_shown(monkeypatch, tmp_path):
+    import write_path_server
+
+    assert write_path_server.elsewhere_problem("http://10.0.0.5:5000") is None
+    assert write_path_server.elsewhere_problem("https://tracking.example.org") is None
+    line = write_path_server.elsewhere_problem("postgresql://fl:s3cret@db/mlflow")
+    assert (
+        line
+        == "BENCH_TRACKING_SERVER must be the http(s):// address of an mlflow server, got 'postgresql://***@db/mlflow'"
+    )
+    # the section says so and starts nothing
+    monkeypatch.setenv("BENCH_TRACKING_SERVER", "sqlite:////tmp/x.db")
+    results = write_path_server.run(tmp_path, True, {}, lambda: None)
+    assert results == {"skipped": write_path_server.elsewhere_problem("sqlite:////tmp/x.db")}
+
+
+def test_a_results_file_of_one_server_is_not_continued_on_another(monkeypatch, tmp_path):
+    import write_path_server
+
+    monkeypatch.setenv("BENCH_TRACKING_SERVER", "http://10.0.0.5:5000")
+    begun = {"config": {"sites": 4, "points": 20_000, "repeats": 1, "server_workers": 4}, "repeats": []}
+    with pytest.raises(
+        RuntimeError, match="measured the local PostgreSQL, not http://10.0.0.5:5000; use another --out$"
+    ):
+        write_path_server.run(tmp_path, True, begun, lambda: None)
+
 
 def flare_line(seconds: float, who: str, text: str) -> str:
     """A FLARE log line as a site's or the server's log.txt holds it (identity names the process)."""
