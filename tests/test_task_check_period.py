@@ -26,13 +26,13 @@ def sag(period):
     return ScatterAndGather(min_clients=2, num_rounds=2, task_check_period=period)
 
 
-def start_run(component, workflows):
-    """START_RUN with the server's runner in the context, as FLARE's ServerRunner fires it."""
+def start_run(component, workflows, event=EventType.START_RUN):
+    """START_RUN (or event) with the server's runner in the context, as FLARE's ServerRunner fires it."""
     config = ServerRunnerConfig(heartbeat_timeout=60, task_request_interval=0.25, workflows=workflows,
                                 task_data_filters={}, task_result_filters={})  # fmt: skip
     fl_ctx = FLContextManager(identity_name="server", job_id="job-1").new_context()
     fl_ctx.set_prop(FLContextKey.RUNNER, SimpleNamespace(config=config), private=True, sticky=False)
-    component.handle_event(EventType.START_RUN, fl_ctx)
+    component.handle_event(event, fl_ctx)
     return fl_ctx
 
 
@@ -55,10 +55,11 @@ def test_reports_what_it_changed_and_leaves_the_rest():
     assert apply_periods(workflows) == []  # idempotent
 
 
-def test_other_events_change_nothing():
+@pytest.mark.parametrize("event", [EventType.END_RUN, EventType.START_WORKFLOW, EventType.ABOUT_TO_START_RUN])
+def test_other_events_change_nothing(event):
+    """The same context as START_RUN's, the runner in it: only START_RUN applies the periods."""
     wf = workflow("scatter_and_gather", sag(0.05))
-    fl_ctx = FLContextManager(identity_name="server", job_id="job-1").new_context()
-    TaskCheckPeriod().handle_event(EventType.END_RUN, fl_ctx)
+    start_run(TaskCheckPeriod(), [wf], event=event)
     assert getattr(wf.controller.communicator, PRIVATE) == 0.2
 
 
