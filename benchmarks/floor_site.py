@@ -11,7 +11,8 @@ serves as the next round's opening one (the model has not changed), where the jo
 validates two different models (its trained one, then the new global one); the ROUNDS - 1
 validations that saves are run after the fit, so the floor holds every pass the job's sites make.
 Writes FOLDER/SITE.json: started, fit_ended (the one Trainer's fit: the floor as measured before
-2026-12-06 afternoon) and ended (with those validations).
+2026-12-06 afternoon), ended (with those validations) and cpu_s (the process's CPU seconds from
+started to ended).
 """
 
 import json
@@ -48,13 +49,14 @@ def main(argv) -> int:
     (folder / f"{site}.ready").touch()
     while not (folder / "go").exists():
         time.sleep(0.01)
-    started = time.time()
+    started, cpu_started = time.time(), time.process_time()
     trainer.fit(model, datamodule=data)
     fit_ended = time.time()
     for _ in range(rounds - 1):
         trainer.validate(model, datamodule=data, verbose=False)
     ended = time.time()
-    times = {"started": started, "fit_ended": fit_ended, "ended": ended, "threads": threads}
+    cpu_s = time.process_time() - cpu_started  # the site's compute, whatever the machine's drift
+    times = {"started": started, "fit_ended": fit_ended, "ended": ended, "threads": threads, "cpu_s": cpu_s}
     (folder / f"{site}.json").write_text(json.dumps(times))
     return 0
 

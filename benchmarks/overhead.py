@@ -7,10 +7,17 @@ received, training, and Lightning's validation of the trained model). fit_floor_
 as measured before 2026-12-06 afternoon: one Trainer's fit, where a round's closing validation
 stands in for the next round's opening one, so rounds - 1 of the job's validations are missing.
 Against it runs the default job in the simulator with per-step metrics streamed (tracking on)
-and with no logger on the sites (off). The three are interleaved, in a rotating order, `repeats`
-times; medians and spreads are reported, ratios taken within each repeat.
+and with no logger on the sites (off). They are interleaved `repeats` times; medians and spreads
+are reported, ratios taken within each repeat.
+
+The machine's speed drifts by 10 to 20% within minutes (benchmarks/README.md), more than the
+rounds / floor target's margin, so a floor measured once beside the job compares two different
+machines. Each repeat measures the floor twice, right before and right after the tracking-on run
+(floor, on, floor, off; the next repeat off, floor, on, floor): the run's floor is the mean of the
+two, which cancels a steady drift, and their ratio (floor_drift) shows how far the machine moved.
 """
 
+import statistics
 import subprocess
 import sys
 import time
@@ -92,22 +99,33 @@ def floor(work: Path, data_root, sites: int, rounds: int, epochs: int) -> dict:
         "floor_s": max(t["ended"] for t in times.values()) - go,
         "fit_floor_s": max(t["fit_ended"] for t in times.values()) - go,
         "per_site_s": {s: t["ended"] - t["started"] for s, t in times.items()},
+        "per_site_cpu_s": {s: t["cpu_s"] for s, t in times.items()},
         "threads_per_site": threads,
     }
+
+
+def bracketed(floors: list) -> dict:
+    """The floor of the run between floors[0] and floors[1]: the mean of the two, with their ratio
+    (floor_drift, second / first: above 1 the machine slowed down between them)."""
+    out = {key: statistics.fmean(f[key] for f in floors) for key in ("floor_s", "fit_floor_s")}
+    out["each_s"] = [f["floor_s"] for f in floors]
+    out["floor_drift"] = floors[-1]["floor_s"] / floors[0]["floor_s"]
+    return out
 
 
 def run(work: Path, quick: bool, results: dict, save) -> dict:
     cfg = results.setdefault("config", settings(quick))
     data = make_data(work / "overhead-data", cfg["train_size"], cfg["sites"])
     reps = results.setdefault("repeats", [])
-    orders = (("floor", "on", "off"), ("on", "off", "floor"), ("off", "floor", "on"))
+    # The tracking-on run between two floors (module docstring); off first every other repeat.
+    orders = (("floor", "on", "floor", "off"), ("off", "floor", "on", "floor"))
     while len(reps) < cfg["repeats"]:
         i = len(reps)
-        rep = {"order": list(orders[i % 3])}
+        rep = {"order": list(orders[i % 2]), "floors": []}
         for kind in rep["order"]:
             if kind == "floor":
-                rep["floor"] = floor(work, data, cfg["sites"], cfg["rounds"], cfg["epochs"])
-                f = rep["floor"]
+                f = floor(work, data, cfg["sites"], cfg["rounds"], cfg["epochs"])
+                rep["floors"].append(f)
                 say(
                     f"    repeat {i + 1}: floor {f['floor_s']:.1f} s (one Trainer's fit alone {f['fit_floor_s']:.1f} s)"
                 )
@@ -129,6 +147,7 @@ def run(work: Path, quick: bool, results: dict, save) -> dict:
                 f"    repeat {i + 1}: tracking {kind}: wall {fed['wall_s']:.1f} s = start-up {fed['startup_s']:.1f}"
                 f" + rounds {fed['rounds_s']:.1f} + shutdown {fed['shutdown_s']:.1f}"
             )
+        rep["floor"] = bracketed(rep["floors"])
         reps.append(rep)
         save()
     results["summary"] = summary(reps)
@@ -156,6 +175,10 @@ def summary(reps) -> dict:
         "beyond_slowest_tasks_s": spread([f["round_anatomy"]["beyond_slowest_tasks_s"] for f in on])
         if all(f.get("round_anatomy") for f in on)
         else None,
+        # second floor / first around the tracking-on run; absent in files from before the floor was bracketed
+        "floor_drift": spread([r["floor"]["floor_drift"] for r in reps])
+        if all("floor_drift" in r["floor"] for r in reps)
+        else None,
         "fixed_s": spread([f["startup_s"] + f["shutdown_s"] for f in on]),
         "startup_s": spread([f["startup_s"] for f in on]),
         "shutdown_s": spread([f["shutdown_s"] for f in on]),
@@ -171,6 +194,9 @@ def summary(reps) -> dict:
     }
 
 
+FLOOR_ROW = "floor: the sites' training in parallel processes, no FLARE (the mean of the two around the run)"
+
+
 def _fmt(s, unit="", digits=2) -> str:
     text = f"{s['median']:.{digits}f}{unit}"
     return text if s["n"] < 2 else f"{text} (min {s['min']:.{digits}f}, max {s['max']:.{digits}f})"
@@ -183,7 +209,7 @@ def table(results) -> str:
         f" images; medians of {cfg['repeats']} interleaved repeat(s) (min, max)\n\n"
     )
     rows = [
-        ("floor: the sites' training in parallel processes, no FLARE", _fmt(s["floor_s"], " s", 1), ""),
+        (FLOOR_ROW, _fmt(s["floor_s"], " s", 1), ""),
         ("FL wall time, tracking on (per-step metrics)", _fmt(s["wall_on_s"], " s", 1), ""),
         ("FL wall / floor", _fmt(s["wall_over_floor"]), "target <= 1.15"),
         ("FL rounds / floor", _fmt(s["rounds_over_floor"]), "target <= 1.10"),
@@ -193,6 +219,9 @@ def table(results) -> str:
         ("tracking on / off: summed site fit time", _fmt(s["tracking_site_fit"], "", 3), ""),
         ("metric points streamed / lost per run", f"{s['points_streamed']} / {s['points_lost']}", ""),
     ]
+    if s.get("floor_drift"):
+        rows.insert(1, ("the floor after the tracking-on run / before it (the machine's drift)",
+                        _fmt(s["floor_drift"], "", 3), ""))  # fmt: skip
     if s.get("beyond_slowest_tasks_s"):
         rows.insert(4, (f"rounds beyond each round's slowest site task ({cfg['rounds']} rounds)",
                         _fmt(s["beyond_slowest_tasks_s"], " s"), ""))  # fmt: skip

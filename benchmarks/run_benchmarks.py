@@ -8,7 +8,8 @@ ratio is measured within one run on one machine. Sections:
 
   overhead    the same sites' training in parallel plain-Lightning processes (the floor), and
               the default job in the simulator with tracking on and off, interleaved (floor, on,
-              off) x repeats; FL wall / floor, where start-up and shutdown go, tracking on / off
+              floor, off) x repeats, the tracking-on run between two floors (the machine drifts);
+              FL wall / floor, where start-up and shutdown go, tracking on / off
   write_path  the server's write path against FLARE's MLflowReceiver, the same stream through
               the same entry point (save) into SQLite, every point counted back, plus a profile;
               then into an mlflow server (4 workers) on PostgreSQL on 127.0.0.1 (needs root),

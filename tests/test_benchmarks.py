@@ -221,3 +221,31 @@ def test_round_anatomy_adds_each_runs_anatomy_to_the_results_file_and_names_a_mi
     assert saved["summary"]["beyond_slowest_tasks_s"]["median"] == pytest.approx(0.5, abs=0.01)
     assert "round_anatomy" not in saved["repeats"][0]["tracking_off"]
     assert f"tracking_off: no log folder {tmp_path / 'gone'}" in capsys.readouterr().out
+
+
+def overhead_run(rounds_s: float) -> dict:
+    return {"wall_s": rounds_s + 40, "rounds_s": rounds_s, "startup_s": 25, "shutdown_s": 15, "site_fit_s": 70,
+            "phases": {}}  # fmt: skip
+
+
+def test_the_floor_of_a_run_is_the_mean_of_the_two_around_it_with_the_drift_between_them():
+    before = {"floor_s": 80.0, "fit_floor_s": 76.0, "per_site_s": {}}
+    after = {"floor_s": 72.0, "fit_floor_s": 68.0, "per_site_s": {}}
+    got = overhead.bracketed([before, after])
+    assert got["floor_s"] == pytest.approx(76.0) and got["fit_floor_s"] == pytest.approx(72.0)
+    assert got["each_s"] == [80.0, 72.0]
+    assert got["floor_drift"] == pytest.approx(0.9)  # the machine sped up by 10% between them
+    reps = [{"floor": got, "tracking_on": overhead_run(83.6), "tracking_off": overhead_run(80.0)}]
+    s = overhead.summary(reps)
+    assert s["rounds_over_floor"]["median"] == pytest.approx(1.1)  # against 76, not 80 or 72
+    assert s["floor_drift"]["median"] == pytest.approx(0.9)
+    table = overhead.table({"config": overhead.settings(False), "summary": s})
+    assert "| the floor after the tracking-on run / before it (the machine's drift) | 0.900 |" in table
+
+
+def test_an_older_results_file_with_one_floor_per_repeat_still_sums_up():
+    reps = [{"floor": {"floor_s": 80.0, "fit_floor_s": 76.0}, "tracking_on": overhead_run(88.0),
+             "tracking_off": overhead_run(84.0)}]  # fmt: skip
+    s = overhead.summary(reps)
+    assert s["floor_drift"] is None and s["rounds_over_floor"]["median"] == pytest.approx(1.1)
+    assert "drift" not in overhead.table({"config": overhead.settings(False), "summary": s})
