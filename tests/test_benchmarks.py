@@ -241,6 +241,7 @@ def test_the_floor_of_a_run_is_the_mean_of_the_two_around_it_with_the_drift_betw
     assert s["floor_drift"]["median"] == pytest.approx(0.9)
     table = overhead.table({"config": overhead.settings(False), "summary": s})
     assert "| the floor after the tracking-on run / before it (the machine's drift) | 0.900 |" in table
+    assert f"| {overhead.FLOOR_ROW} (the mean of the two around the run) | 76.0 s |" in table
 
 
 def test_an_older_results_file_with_one_floor_per_repeat_still_sums_up():
@@ -248,4 +249,5 @@ def test_an_older_results_file_with_one_floor_per_repeat_still_sums_up():
              "tracking_off": overhead_run(84.0)}]  # fmt: skip
     s = overhead.summary(reps)
     assert s["floor_drift"] is None and s["rounds_over_floor"]["median"] == pytest.approx(1.1)
-    assert "drift" not in overhead.table({"config": overhead.settings(False), "summary": s})
+    table = overhead.table({"config": overhead.settings(False), "summary": s})
+    assert "drift" not in table and f"| {overhead.FLOOR_ROW} | 80.0 s |" in table
