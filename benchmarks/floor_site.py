@@ -55,7 +55,8 @@ def main(argv) -> int:
     for _ in range(rounds - 1):
         trainer.validate(model, datamodule=data, verbose=False)
     ended = time.time()
-    cpu_s = time.process_time() - cpu_started  # the site's compute, whatever the machine's drift
+    # beside the wall time: equal when the process never waited (a slower machine raises both alike)
+    cpu_s = time.process_time() - cpu_started
     times = {"started": started, "fit_ended": fit_ended, "ended": ended, "threads": threads, "cpu_s": cpu_s}
     (folder / f"{site}.json").write_text(json.dumps(times))
     return 0

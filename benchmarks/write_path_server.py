@@ -93,8 +93,11 @@ def run(work, quick: bool, results: dict, save) -> dict:
         return summarize(results, save)
     try:
         # elsewhere: nothing to start, and no process of it to meter from here
-        server = nullcontext(SimpleNamespace(uri=elsewhere, cpu_seconds=None)) if elsewhere else None
-        with server or pg_mlflow_server(workers=cfg["server_workers"]) as stack:
+        if elsewhere:
+            server = nullcontext(SimpleNamespace(uri=elsewhere, cpu_seconds=None))
+        else:
+            server = pg_mlflow_server(workers=cfg["server_workers"])
+        with server as stack:
             uri = stack.uri
             if elsewhere:
                 say(f"    the mlflow server at {cfg['server_uri']} ({ELSEWHERE}); nothing started here")
