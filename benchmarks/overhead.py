@@ -108,7 +108,6 @@ def bracketed(floors: list) -> dict:
     """The floor of the run between floors[0] and floors[1]: the mean of the two, with their ratio
     (floor_drift, second / first: above 1 the machine slowed down between them)."""
     out = {key: statistics.fmean(f[key] for f in floors) for key in ("floor_s", "fit_floor_s")}
-    out["each_s"] = [f["floor_s"] for f in floors]
     out["floor_drift"] = floors[-1]["floor_s"] / floors[0]["floor_s"]
     return out
 
@@ -233,7 +232,31 @@ def table(results) -> str:
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     lines += ["", "Where the fixed seconds go (tracking on, medians):", "", "| phase | seconds |", "| --- | --- |"]
     lines += [f"| {name} | {v['median']:.1f} |" for name, v in s["phases_s"].items()]
+    if all(len(r.get("floors", [])) == 2 and r["tracking_on"].get("round_anatomy") for r in results["repeats"]):
+        lines += ["", "Each repeat (tracking on unless marked off):", "", *repeat_rows(results["repeats"])]
     return head + "\n".join(lines)
+
+
+def repeat_rows(reps) -> list:
+    """One row per repeat of a bracketed run: its two floors, the rounds against their mean, the
+    slowest site tasks (round_anatomy) and what the rounds hold beyond them, and the floor
+    processes' CPU / wall time (1.00: they never waited, so a slower floor is a slower machine)."""
+    rows = [
+        "| repeat (order) | floors before, after s | floor s | rounds s | rounds / floor | slowest tasks s"
+        " | slowest tasks / floor | beyond them s | rounds s, off | FL wall s | floor CPU / wall, lowest |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for i, r in enumerate(reps, start=1):
+        on, fl, anatomy = r["tracking_on"], r["floor"]["floor_s"], r["tracking_on"]["round_anatomy"]
+        tasks = sum(anatomy["slowest_task_s"])
+        cpu = min(f["per_site_cpu_s"][s] / f["per_site_s"][s] for f in r["floors"] for s in f["per_site_s"])
+        rows.append(
+            f"| {i} ({', '.join(r['order'])}) | {r['floors'][0]['floor_s']:.1f}, {r['floors'][1]['floor_s']:.1f}"
+            f" | {fl:.1f} | {on['rounds_s']:.1f} | {on['rounds_s'] / fl:.2f} | {tasks:.1f} | {tasks / fl:.2f}"
+            f" | {anatomy['beyond_slowest_tasks_s']:.1f} | {r['tracking_off']['rounds_s']:.1f} | {on['wall_s']:.1f}"
+            f" | {cpu:.3f} |"
+        )
+    return rows
 
 
 def plot(results, out: Path) -> None:

@@ -27,7 +27,8 @@ ratio is measured within one run on one machine. Sections:
 Results go to --out (default benchmarks/results/<time>): results.json (rewritten after every
 step, so a run that stops can be continued with the same --out: finished steps are kept),
 summary.md (the tables) and PNG plots. The timing sections want a quiet machine; the accuracy
-section does not care.
+section does not care. --summary RESULTS_JSON prints the tables of a results file (those kept in
+benchmarks/ among them) with today's code, and runs nothing.
 """
 
 import argparse
@@ -57,12 +58,27 @@ def sections_arg(text: str) -> list:
     return names
 
 
+def summary_of(path: Path) -> str:
+    """The tables of a finished run's results file, as a run prints them at its end, with this code."""
+    try:
+        text = plots.summary_markdown(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"run_benchmarks: {path} is not a readable results file: {type(e).__name__}: {e}") from None
+    if not text.strip():
+        raise SystemExit(f"run_benchmarks: {path} holds no finished section of this script's results")
+    return text
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small workloads, one repeat")
     p.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results/<time>)")
     p.add_argument("--sections", type=sections_arg, default=list(SECTIONS), help="comma-separated, default all")
+    p.add_argument("--summary", type=Path, metavar="RESULTS_JSON", help="print a results file's tables; run nothing")
     a = p.parse_args(argv)
+    if a.summary:
+        print(summary_of(a.summary), end="")
+        return 0
     out = a.out or REPO / "benchmarks" / "results" / datetime.now().strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"

@@ -20,6 +20,7 @@ import cProfile
 import gc
 import io
 import pstats
+import statistics
 import time
 from pathlib import Path
 
@@ -295,8 +296,18 @@ def table(results) -> str:
                 f" {f['save_us_per_event']:.0f} µs | {f['full_gcs']} ({f['full_gc_seconds']:.1f} s) |"
             )
     c = s["store_ceiling"]["points_per_s"]
-    rows.append(f"| `MlflowClient.log_batch` alone, 1,000 per request | {c['median']:,.0f} | - | - | - |")
-    return head + "\n".join(rows)
+    rows.append(
+        f"| `MlflowClient.log_batch` alone, 1,000 per request | {c['median']:,.0f} ({c['min']:,.0f}-{c['max']:,.0f})"
+        " | - | - | - |"
+    )
+    return head + "\n".join(rows) + "\n\n" + ratio_line(results["repeats"])
+
+
+def ratio_line(reps) -> str:
+    """Ours / FLARE's within each repeat (the two ran minutes apart at most) and of the medians."""
+    each = [r["ours"]["points_per_s"] / r["flare"]["points_per_s"] for r in reps]
+    ours, flare = (statistics.median(r[k]["points_per_s"] for r in reps) for k in ("ours", "flare"))
+    return f"ours / FLARE's: per repeat {', '.join(f'{x:.2f}' for x in each)}; of the medians {ours / flare:.2f}"
 
 
 def gc_cell(v) -> str:

@@ -21,7 +21,7 @@ from contextlib import nullcontext
 from types import SimpleNamespace
 
 from bench_common import say, spread
-from write_path import feed, settings, store_ceiling, stream
+from write_path import feed, ratio_line, settings, store_ceiling, stream
 
 WORKERS = 4  # the server's worker processes (uvicorn): requests it serves at once
 ELSEWHERE = "BENCH_TRACKING_SERVER"  # an mlflow server on another host, measured instead of a local one
@@ -155,8 +155,6 @@ def summarize(results: dict, save) -> dict:
     }
     for ceiling in ("store_ceiling", "store_ceiling_4"):
         results["summary"][ceiling] = {"points_per_s": spread([r[ceiling]["points_per_s"] for r in reps])}
-    flare = results["summary"]["flare"]["points_per_s"]["median"]
-    results["summary"]["ours_over_flare"] = results["summary"]["ours"]["points_per_s"]["median"] / flare
     save()
     return results
 
@@ -192,4 +190,4 @@ def table(results) -> str:
             f"| `log_batch` alone, 1,000 per request, {label} | {p['median']:,.0f} ({p['min']:,.0f}-{p['max']:,.0f})"
             " | - | - | - |"
         )
-    return head + "\n".join(rows) + f"\n\nours / FLARE's (medians): {s['ours_over_flare']:.2f}"
+    return head + "\n".join(rows) + "\n\n" + ratio_line(results["repeats"])

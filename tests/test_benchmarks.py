@@ -123,12 +123,12 @@ def test_the_server_store_table_gives_each_row_and_the_ratio_to_flares_receiver(
         "repeats": [rep(4000, 2000, 2000, 2100, 4200), rep(6000, 2200, 2000, 2300, 4400)],
     }
     write_path_server.summarize(results, lambda: None)
-    assert results["summary"]["ours_over_flare"] == pytest.approx(2.5)
     text = write_path_server.table(results)
     assert "`mlflow server` (--workers 4) on PostgreSQL" in text
     ours = "| this project's tracker, default writers (4 to a server) | 5,000 (4,000-6,000) | [0, 0] | 50 µs |"
     assert f"{ours} 200, 20, 40 |" in text
-    assert "| FLARE's MLflowReceiver | 2,000 (2,000-2,000) |" in text and "ours / FLARE's (medians): 2.50" in text
+    assert "| FLARE's MLflowReceiver | 2,000 (2,000-2,000) |" in text
+    assert text.endswith("ours / FLARE's: per repeat 2.00, 3.00; of the medians 2.50")
     assert write_path_server.table({"skipped": "PostgreSQL is not installed"}).endswith("PostgreSQL is not installed")
 
     results["config"]["server_uri"] = "https://tracking.example.org"
@@ -233,13 +233,12 @@ def test_the_floor_of_a_run_is_the_mean_of_the_two_around_it_with_the_drift_betw
     after = {"floor_s": 72.0, "fit_floor_s": 68.0, "per_site_s": {}}
     got = overhead.bracketed([before, after])
     assert got["floor_s"] == pytest.approx(76.0) and got["fit_floor_s"] == pytest.approx(72.0)
-    assert got["each_s"] == [80.0, 72.0]
     assert got["floor_drift"] == pytest.approx(0.9)  # the machine sped up by 10% between them
     reps = [{"floor": got, "tracking_on": overhead_run(83.6), "tracking_off": overhead_run(80.0)}]
     s = overhead.summary(reps)
     assert s["rounds_over_floor"]["median"] == pytest.approx(1.1)  # against 76, not 80 or 72
     assert s["floor_drift"]["median"] == pytest.approx(0.9)
-    table = overhead.table({"config": overhead.settings(False), "summary": s})
+    table = overhead.table({"config": overhead.settings(False), "summary": s, "repeats": reps})
     assert "| the floor after the tracking-on run / before it (the machine's drift) | 0.900 |" in table
     assert f"| {overhead.FLOOR_ROW} (the mean of the two around the run) | 76.0 s |" in table
 
@@ -249,5 +248,38 @@ def test_an_older_results_file_with_one_floor_per_repeat_still_sums_up():
              "tracking_off": overhead_run(84.0)}]  # fmt: skip
     s = overhead.summary(reps)
     assert s["floor_drift"] is None and s["rounds_over_floor"]["median"] == pytest.approx(1.1)
-    table = overhead.table({"config": overhead.settings(False), "summary": s})
+    table = overhead.table({"config": overhead.settings(False), "summary": s, "repeats": reps})
     assert "drift" not in table and f"| {overhead.FLOOR_ROW} | 80.0 s |" in table
+
+
+def test_each_bracketed_repeat_gets_a_row_with_its_two_floors_and_the_floors_lowest_cpu_share():
+    def floor(seconds, cpu):
+        return {"floor_s": seconds, "fit_floor_s": seconds - 4, "per_site_s": {"site-1": seconds, "site-2": 50.0},
+                "per_site_cpu_s": {"site-1": seconds * cpu, "site-2": 50.0}}  # fmt: skip
+
+    on = overhead_run(83.6) | {"round_anatomy": {"slowest_task_s": [40.0, 41.8], "beyond_slowest_tasks_s": 1.8}}
+    floors = [floor(80.0, 0.99), floor(72.0, 0.95)]
+    rep = {"order": ["floor", "on", "floor", "off"], "floors": floors, "floor": overhead.bracketed(floors),
+           "tracking_on": on, "tracking_off": overhead_run(80.0)}  # fmt: skip
+    text = overhead.table({"config": overhead.settings(False), "summary": overhead.summary([rep]), "repeats": [rep]})
+    row = "| 1 (floor, on, floor, off) | 80.0, 72.0 | 76.0 | 83.6 | 1.10 | 81.8 | 1.08 | 1.8 | 80.0 | 123.6 | 0.950 |"
+    assert text.endswith(row)
+    del on["round_anatomy"]  # a repeat without its anatomy: no per-repeat table rather than a half one
+    assert "Each repeat" not in overhead.table({"config": overhead.settings(False),
+                                                 "summary": overhead.summary([rep]), "repeats": [rep]})  # fmt: skip
+
+
+def test_summary_prints_a_kept_results_files_tables_and_names_a_file_it_cannot_use(tmp_path, capsys):
+    kept = Path(__file__).resolve().parents[1] / "benchmarks" / "write-path-verify-2026-12-06.json"
+    assert run_benchmarks.main(["--summary", str(kept)]) == 0
+    out = capsys.readouterr().out
+    assert "## Write path" in out and "### Write path on an mlflow server" in out
+    assert "ours / FLARE's: per repeat 0.97, 1.08, 0.93; of the medians 0.98" in out
+    assert not list(tmp_path.iterdir())  # nothing run, nothing written
+    other = tmp_path / "turns.json"
+    other.write_text(json.dumps({"runs": {}}))
+    with pytest.raises(SystemExit, match=f"{other} holds no finished section"):
+        run_benchmarks.main(["--summary", str(other)])
+    (tmp_path / "torn.json").write_text("{")
+    with pytest.raises(SystemExit, match="torn.json is not a readable results file: JSONDecodeError"):
+        run_benchmarks.main(["--summary", str(tmp_path / "torn.json")])
